@@ -1,0 +1,326 @@
+//! Flags and environment variables, validated once into a `Config` that is passed explicitly.
+//!
+//! Every flag has a `MEMORY_SIDECAR_*` variable; a flag given on the command line wins. Bounds are
+//! checked here, at start-up, so the request path can trust them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The raw command line, as clap sees it. Validated into [`Config`] by [`Flags::validate`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "memory-sidecar",
+    version,
+    about = "Retrieval-only memory sidecar for LLM gateways"
+)]
+pub struct Flags {
+    /// Address to listen on (use port 0 for any free port).
+    #[arg(long, env = "MEMORY_SIDECAR_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory for the store and the generated admin key.
+    #[arg(long, env = "MEMORY_SIDECAR_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Directory holding libonnxruntime.so.1.31.1, model.onnx and tokenizer.json (`make models`).
+    #[arg(long, env = "MEMORY_SIDECAR_MODELS_DIR", default_value = "./models")]
+    pub models_dir: PathBuf,
+    /// Log format: text for a terminal, json for a log pipeline.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "MEMORY_SIDECAR_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Largest request body accepted, in bytes (413 past it).
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Most messages in one prepare or ingest request (413 past it).
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_MESSAGES", default_value_t = 256)]
+    pub max_messages: usize,
+    /// Most characters in one message (413 past it).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_MAX_MESSAGE_CHARS",
+        default_value_t = 16_000
+    )]
+    pub max_message_chars: usize,
+    /// Memories prepare returns when the request gives no `limit`.
+    #[arg(long, env = "MEMORY_SIDECAR_DEFAULT_LIMIT", default_value_t = 10)]
+    pub default_limit: usize,
+    /// Largest `limit` a request may ask for (at least 50).
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_LIMIT", default_value_t = 100)]
+    pub max_limit: usize,
+    /// Context budget in tokens when the request gives no `max_tokens`.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_DEFAULT_MAX_TOKENS",
+        default_value_t = 1500
+    )]
+    pub default_max_tokens: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_MAX_TOKENS", default_value_t = 16_000)]
+    pub max_max_tokens: usize,
+    /// Open connections at once; further connections wait in the kernel's backlog.
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Requests being worked on at once; past it, 429 `overloaded`.
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_INFLIGHT", default_value_t = 256)]
+    pub max_inflight: usize,
+    /// Texts waiting for the model from requests (prepare queries); past it, 429.
+    #[arg(long, env = "MEMORY_SIDECAR_EMBED_QUEUE_TEXTS", default_value_t = 1024)]
+    pub embed_queue_texts: usize,
+    /// Time allowed to read a request's headers, in milliseconds (also the idle keep-alive limit).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_timeout_ms: u64,
+    /// Time allowed for a whole request, body included, in milliseconds.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_REQUEST_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub request_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish, in milliseconds.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_SHUTDOWN_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub shutdown_timeout_ms: u64,
+
+    /// Threads ONNX Runtime uses for one batch (0 = one per core).
+    #[arg(long, env = "MEMORY_SIDECAR_EMBED_THREADS", default_value_t = 0)]
+    pub embed_threads: usize,
+    /// Most texts in one model batch.
+    #[arg(long, env = "MEMORY_SIDECAR_EMBED_BATCH_TEXTS", default_value_t = 32)]
+    pub embed_batch_texts: usize,
+    /// Word pieces kept per text; longer texts are truncated for embedding (the model takes 512).
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_TEXT_TOKENS", default_value_t = 256)]
+    pub max_text_tokens: usize,
+
+    /// Lowest cosine similarity a memory needs to be returned by prepare.
+    #[arg(long, env = "MEMORY_SIDECAR_MIN_SCORE", default_value_t = 0.25)]
+    pub min_score: f32,
+    /// Added to the score of memories from the request's own session when ranking.
+    #[arg(long, env = "MEMORY_SIDECAR_SESSION_BOOST", default_value_t = 0.05)]
+    pub session_boost: f32,
+    /// A query shorter than this many words is joined with the messages before it.
+    #[arg(long, env = "MEMORY_SIDECAR_SHORT_QUERY_WORDS", default_value_t = 8)]
+    pub short_query_words: usize,
+    /// Vault size from which an HNSW graph serves queries instead of an exact scan.
+    #[arg(long, env = "MEMORY_SIDECAR_HNSW_THRESHOLD", default_value_t = 20_000)]
+    pub hnsw_threshold: usize,
+    /// sled's page cache, in bytes.
+    #[arg(long, env = "MEMORY_SIDECAR_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub cache_bytes: u64,
+}
+
+/// The validated configuration. Secrets never live here (the admin key is read by `auth`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log: String,
+    pub limits: Limits,
+    pub embed: EmbedConfig,
+    pub retrieval: RetrievalConfig,
+    pub cache_bytes: u64,
+}
+
+/// Bounds on everything a request can make the daemon hold.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_messages: usize,
+    pub max_message_chars: usize,
+    pub default_limit: usize,
+    pub max_limit: usize,
+    pub default_max_tokens: usize,
+    pub max_max_tokens: usize,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct EmbedConfig {
+    pub threads: usize,
+    pub batch_texts: usize,
+    pub queue_texts: usize,
+    pub max_text_tokens: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct RetrievalConfig {
+    pub min_score: f32,
+    pub session_boost: f32,
+    pub short_query_words: usize,
+    pub hnsw_threshold: usize,
+}
+
+impl Flags {
+    pub fn validate(self) -> anyhow::Result<Config> {
+        fn at_least(name: &str, value: usize, min: usize) -> anyhow::Result<()> {
+            if value < min {
+                bail!("--{name} must be at least {min}, got {value}");
+            }
+            Ok(())
+        }
+        at_least("max-body-bytes", self.max_body_bytes, 1024)?;
+        at_least("max-messages", self.max_messages, 1)?;
+        at_least("max-message-chars", self.max_message_chars, 16)?;
+        // A stored message must stay well under sled's 128 KiB blob threshold (FACTS.md).
+        if self.max_message_chars > 24_000 {
+            bail!(
+                "--max-message-chars must be at most 24000, got {}",
+                self.max_message_chars
+            );
+        }
+        at_least("max-limit", self.max_limit, 50)?;
+        if self.max_limit > 1000 {
+            bail!("--max-limit must be at most 1000, got {}", self.max_limit);
+        }
+        at_least("default-limit", self.default_limit, 1)?;
+        if self.default_limit > self.max_limit {
+            bail!(
+                "--default-limit ({}) is above --max-limit ({})",
+                self.default_limit,
+                self.max_limit
+            );
+        }
+        at_least("default-max-tokens", self.default_max_tokens, 32)?;
+        if self.default_max_tokens > self.max_max_tokens {
+            bail!(
+                "--default-max-tokens ({}) is above --max-max-tokens ({})",
+                self.default_max_tokens,
+                self.max_max_tokens
+            );
+        }
+        at_least("max-connections", self.max_connections, 1)?;
+        at_least("max-inflight", self.max_inflight, 1)?;
+        at_least(
+            "embed-queue-texts",
+            self.embed_queue_texts,
+            self.max_messages,
+        )
+        .context("the embedding queue must hold at least one request's messages")?;
+        at_least("embed-batch-texts", self.embed_batch_texts, 1)?;
+        if !(16..=512).contains(&self.max_text_tokens) {
+            bail!(
+                "--max-text-tokens must be 16..=512 (the model's limit), got {}",
+                self.max_text_tokens
+            );
+        }
+        if !(-1.0..=1.0).contains(&self.min_score) {
+            bail!(
+                "--min-score must be a cosine similarity in -1..=1, got {}",
+                self.min_score
+            );
+        }
+        if !(0.0..=1.0).contains(&self.session_boost) {
+            bail!(
+                "--session-boost must be in 0..=1, got {}",
+                self.session_boost
+            );
+        }
+        at_least("hnsw-threshold", self.hnsw_threshold, 1000)?;
+        for (name, ms) in [
+            ("header-timeout-ms", self.header_timeout_ms),
+            ("request-timeout-ms", self.request_timeout_ms),
+            ("shutdown-timeout-ms", self.shutdown_timeout_ms),
+        ] {
+            if ms == 0 {
+                bail!("--{name} must be positive");
+            }
+        }
+        let threads = match self.embed_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Ok(Config {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            models_dir: self.models_dir,
+            log_format: self.log_format,
+            log: self.log,
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_messages: self.max_messages,
+                max_message_chars: self.max_message_chars,
+                default_limit: self.default_limit,
+                max_limit: self.max_limit,
+                default_max_tokens: self.default_max_tokens,
+                max_max_tokens: self.max_max_tokens,
+                max_connections: self.max_connections,
+                max_inflight: self.max_inflight,
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+                request_timeout: Duration::from_millis(self.request_timeout_ms),
+                shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            },
+            embed: EmbedConfig {
+                threads,
+                batch_texts: self.embed_batch_texts,
+                queue_texts: self.embed_queue_texts,
+                max_text_tokens: self.max_text_tokens,
+            },
+            retrieval: RetrievalConfig {
+                min_score: self.min_score,
+                session_boost: self.session_boost,
+                short_query_words: self.short_query_words,
+                hnsw_threshold: self.hnsw_threshold,
+            },
+            cache_bytes: self.cache_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Config> {
+        let mut argv = vec!["memory-sidecar"];
+        argv.extend_from_slice(args);
+        Flags::try_parse_from(argv)?.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert!(config.limits.max_limit >= 50);
+    }
+
+    #[test]
+    fn bad_bounds_are_refused_with_the_flag_name() {
+        let error = parse(&["--max-limit", "10"]).unwrap_err().to_string();
+        assert!(error.contains("--max-limit"), "{error}");
+        let error = parse(&["--min-score", "3"]).unwrap_err().to_string();
+        assert!(error.contains("--min-score"), "{error}");
+        let error = parse(&["--max-text-tokens", "4096"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--max-text-tokens"), "{error}");
+    }
+}

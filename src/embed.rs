@@ -1,0 +1,425 @@
+//! Sentence embeddings: the tokenizer and one ONNX Runtime session on a thread of their own.
+//!
+//! Callers tokenize on their own thread, then queue a job. The model thread takes whatever is
+//! queued (queries first, then background work) up to a batch size, pads the batch to its
+//! longest member, runs it, mean-pools over the attention mask and L2-normalises. There is no
+//! timer: an idle daemon runs a lone query at once, a busy one batches what piled up meanwhile.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::config::EmbedConfig;
+use crate::metrics::Metrics;
+use crate::store::DIM;
+
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+pub const MODEL_FILE: &str = "model.onnx";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Which queue a job joins. Queries sit on a user's request path; bulk work does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Query,
+    Bulk,
+}
+
+/// Why an embedding was not produced.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("the embedding queue is full")]
+    QueueFull,
+    #[error("the embedder has stopped")]
+    Closed,
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, String>>;
+
+struct Job {
+    texts: Vec<Vec<u32>>,
+    enqueued: Instant,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct QueueState {
+    query: VecDeque<Job>,
+    bulk: VecDeque<Job>,
+    query_texts: usize,
+    bulk_texts: usize,
+    closed: bool,
+}
+
+struct JobQueue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+    room: Condvar,
+    capacity_texts: usize,
+}
+
+impl JobQueue {
+    fn push(&self, job: Job, priority: Priority, metrics: &Metrics) -> Result<(), EmbedError> {
+        let texts = job.texts.len();
+        let mut state = self.state.lock().expect("embed queue lock");
+        if state.closed {
+            return Err(EmbedError::Closed);
+        }
+        match priority {
+            Priority::Query => {
+                if state.query_texts + texts > self.capacity_texts {
+                    return Err(EmbedError::QueueFull);
+                }
+                state.query_texts += texts;
+                state.query.push_back(job);
+            }
+            Priority::Bulk => {
+                // Background work waits for room instead of failing.
+                while state.bulk_texts > 0
+                    && state.bulk_texts + texts > self.capacity_texts
+                    && !state.closed
+                {
+                    state = self.room.wait(state).expect("embed queue lock");
+                }
+                if state.closed {
+                    return Err(EmbedError::Closed);
+                }
+                state.bulk_texts += texts;
+                state.bulk.push_back(job);
+            }
+        }
+        metrics
+            .embed_queue_texts
+            .set((state.query_texts + state.bulk_texts) as i64);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Blocks until work is queued; takes queries first, then bulk jobs, up to `max_texts`
+    /// texts (always at least one job). `None` once closed.
+    fn take_batch(&self, max_texts: usize, metrics: &Metrics) -> Option<Vec<Job>> {
+        let mut state = self.state.lock().expect("embed queue lock");
+        while state.query.is_empty() && state.bulk.is_empty() {
+            if state.closed {
+                return None;
+            }
+            state = self.wake.wait(state).expect("embed queue lock");
+        }
+        if state.closed {
+            return None;
+        }
+        let mut batch = Vec::new();
+        let mut texts = 0;
+        while let Some(next_len) = state
+            .query
+            .front()
+            .or(state.bulk.front())
+            .map(|job| job.texts.len())
+        {
+            if !batch.is_empty() && texts + next_len > max_texts {
+                break;
+            }
+            let job = if let Some(job) = state.query.pop_front() {
+                state.query_texts -= job.texts.len();
+                job
+            } else {
+                let job = state.bulk.pop_front().expect("checked non-empty");
+                state.bulk_texts -= job.texts.len();
+                job
+            };
+            texts += job.texts.len();
+            batch.push(job);
+        }
+        metrics
+            .embed_queue_texts
+            .set((state.query_texts + state.bulk_texts) as i64);
+        drop(state);
+        self.room.notify_all();
+        Some(batch)
+    }
+
+    fn close(&self) {
+        let mut state = self.state.lock().expect("embed queue lock");
+        state.closed = true;
+        state.query.clear();
+        state.bulk.clear();
+        drop(state);
+        self.wake.notify_all();
+        self.room.notify_all();
+    }
+}
+
+/// The embedding front: tokenizes on the caller's thread, queues, and awaits the model thread.
+#[derive(Clone)]
+pub struct Embedder {
+    tokenizer: Arc<Tokenizer>,
+    queue: Arc<JobQueue>,
+    metrics: Metrics,
+}
+
+/// The files the daemon needs in its models directory, each checked before anything loads.
+pub fn model_files(models_dir: &Path) -> anyhow::Result<[PathBuf; 3]> {
+    let files = [ORT_LIBRARY, MODEL_FILE, TOKENIZER_FILE].map(|name| models_dir.join(name));
+    for file in &files {
+        if !file.is_file() {
+            bail!(
+                "missing {}: run `make models` (or `scripts/fetch-models.sh {}`) to fetch the pinned, \
+                 checksummed files, or point --models-dir / MEMORY_SIDECAR_MODELS_DIR at a directory holding them",
+                file.display(),
+                models_dir.display()
+            );
+        }
+    }
+    Ok(files)
+}
+
+fn ort_error<R>(error: ort::Error<R>) -> anyhow::Error {
+    anyhow!("onnx runtime: {error}")
+}
+
+/// Loads the tokenizer with padding off (batches pad to their longest member) and an explicit
+/// truncation to `max_tokens` word pieces.
+pub fn load_tokenizer(path: &Path, max_tokens: usize) -> anyhow::Result<Tokenizer> {
+    let mut tokenizer =
+        Tokenizer::from_file(path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length: max_tokens,
+            ..TruncationParams::default()
+        }))
+        .map_err(|e| anyhow!("configuring truncation: {e}"))?;
+    Ok(tokenizer)
+}
+
+/// Opens an ONNX Runtime session for the model with `threads` intra-op threads.
+pub fn load_session(models_dir: &Path, threads: usize) -> anyhow::Result<Session> {
+    let [library, model, _] = model_files(models_dir)?;
+    let environment = ort::init_from(&library)
+        .map_err(|e| anyhow!("loading {}: {e}", library.display()))?
+        .with_name("memory-sidecar")
+        .build()
+        .map_err(ort_error)?;
+    let session = Session::builder(&environment)
+        .map_err(ort_error)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(ort_error)?
+        .with_intra_threads(threads)
+        .map_err(ort_error)?
+        .with_inter_threads(1)
+        .map_err(ort_error)?
+        .commit_from_file(&model)
+        .map_err(ort_error)
+        .with_context(|| format!("loading {}", model.display()))?;
+    Ok(session)
+}
+
+/// Runs one padded batch and returns one unit vector per text.
+pub fn run_batch(session: &mut Session, texts: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let rows = texts.len();
+    let width = texts.iter().map(|t| t.len()).max().unwrap_or(0);
+    if rows == 0 || width == 0 {
+        bail!("empty batch");
+    }
+    let mut input_ids = vec![0i64; rows * width];
+    let mut attention = vec![0i64; rows * width];
+    for (row, ids) in texts.iter().enumerate() {
+        for (col, &id) in ids.iter().enumerate() {
+            input_ids[row * width + col] = i64::from(id);
+            attention[row * width + col] = 1;
+        }
+    }
+    let shape = [rows, width];
+    let ids_tensor = Tensor::from_array((shape, input_ids)).map_err(ort_error)?;
+    let mask_tensor = Tensor::from_array((shape, attention.clone())).map_err(ort_error)?;
+    let types_tensor = Tensor::from_array((shape, vec![0i64; rows * width])).map_err(ort_error)?;
+    let outputs = session
+        .run(ort::inputs![
+            "input_ids" => ids_tensor,
+            "attention_mask" => mask_tensor,
+            "token_type_ids" => types_tensor,
+        ])
+        .map_err(ort_error)?;
+    let (out_shape, hidden) = outputs[0].try_extract_tensor::<f32>().map_err(ort_error)?;
+    if out_shape.len() != 3
+        || out_shape[0] as usize != rows
+        || out_shape[1] as usize != width
+        || out_shape[2] as usize != DIM
+    {
+        bail!("model output shape {out_shape:?}, expected [{rows}, {width}, {DIM}]");
+    }
+    let mut vectors = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let mut pooled = vec![0f32; DIM];
+        let mut count = 0f32;
+        for col in 0..width {
+            if attention[row * width + col] == 0 {
+                continue;
+            }
+            count += 1.0;
+            let offset = (row * width + col) * DIM;
+            for (sum, value) in pooled.iter_mut().zip(&hidden[offset..offset + DIM]) {
+                *sum += value;
+            }
+        }
+        let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt() / count;
+        if !norm.is_finite() || norm == 0.0 {
+            bail!("model produced a zero or non-finite vector");
+        }
+        // Mean then normalise: dividing by count is absorbed into the norm.
+        let scale = 1.0 / (norm * count);
+        pooled.iter_mut().for_each(|x| *x *= scale);
+        vectors.push(pooled);
+    }
+    Ok(vectors)
+}
+
+impl Embedder {
+    /// Checks and loads the model files, then starts the model thread.
+    pub fn open(
+        models_dir: &Path,
+        config: &EmbedConfig,
+        metrics: Metrics,
+    ) -> anyhow::Result<Embedder> {
+        let [_, _, tokenizer_path] = model_files(models_dir)?;
+        let tokenizer = Arc::new(load_tokenizer(&tokenizer_path, config.max_text_tokens)?);
+        let mut session = load_session(models_dir, config.threads)?;
+        let queue = Arc::new(JobQueue {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            room: Condvar::new(),
+            capacity_texts: config.queue_texts,
+        });
+        let worker_queue = queue.clone();
+        let worker_metrics = metrics.clone();
+        let batch_texts = config.batch_texts;
+        std::thread::Builder::new()
+            .name("embed".into())
+            .spawn(move || {
+                while let Some(jobs) = worker_queue.take_batch(batch_texts, &worker_metrics) {
+                    run_jobs(&mut session, jobs, &worker_metrics);
+                }
+                tracing::debug!("embedding thread stopped");
+            })
+            .context("starting the embedding thread")?;
+        Ok(Embedder {
+            tokenizer,
+            queue,
+            metrics,
+        })
+    }
+
+    /// Word-piece ids of each text, truncated to the configured maximum.
+    pub fn tokenize(&self, texts: &[&str]) -> anyhow::Result<Vec<Vec<u32>>> {
+        texts
+            .iter()
+            .map(|text| {
+                let encoding = self
+                    .tokenizer
+                    .encode(*text, true)
+                    .map_err(|e| anyhow!("tokenizing: {e}"))?;
+                Ok(encoding.get_ids().to_vec())
+            })
+            .collect()
+    }
+
+    /// Embeds texts; waits for the model thread without blocking the caller's executor.
+    pub async fn embed(
+        &self,
+        texts: &[&str],
+        priority: Priority,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let tokens = self.tokenize(texts)?;
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        self.enqueue(tokens, priority, reply)?;
+        Self::finish(wait.await)
+    }
+
+    /// Embeds texts from a thread that may block (background indexing).
+    pub fn embed_blocking(
+        &self,
+        texts: &[&str],
+        priority: Priority,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let tokens = self.tokenize(texts)?;
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        self.enqueue(tokens, priority, reply)?;
+        Self::finish(wait.blocking_recv())
+    }
+
+    fn enqueue(
+        &self,
+        texts: Vec<Vec<u32>>,
+        priority: Priority,
+        reply: Reply,
+    ) -> Result<(), EmbedError> {
+        let job = Job {
+            texts,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.queue.push(job, priority, &self.metrics)
+    }
+
+    fn finish(
+        received: Result<Result<Vec<Vec<f32>>, String>, tokio::sync::oneshot::error::RecvError>,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match received {
+            Ok(Ok(vectors)) => Ok(vectors),
+            Ok(Err(message)) => Err(EmbedError::Failed(anyhow!(message))),
+            Err(_) => Err(EmbedError::Closed),
+        }
+    }
+
+    /// Stops the model thread after its current batch; queued jobs are dropped (their callers
+    /// see `Closed`; stored memories stay pending for the next start).
+    pub fn close(&self) {
+        self.queue.close();
+    }
+}
+
+fn run_jobs(session: &mut Session, jobs: Vec<Job>, metrics: &Metrics) {
+    let started = Instant::now();
+    for job in &jobs {
+        metrics
+            .embed_queue_wait_seconds
+            .observe(started.duration_since(job.enqueued).as_secs_f64());
+    }
+    let texts: Vec<&[u32]> = jobs
+        .iter()
+        .flat_map(|job| job.texts.iter().map(Vec::as_slice))
+        .collect();
+    let width = texts.iter().map(|t| t.len()).max().unwrap_or(0);
+    metrics.embed_batch_texts.observe(texts.len() as f64);
+    metrics
+        .embed_batch_tokens
+        .observe((texts.len() * width) as f64);
+    let result = run_batch(session, &texts);
+    metrics
+        .embed_batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(mut vectors) => {
+            // Hand each job its own slice of the batch, in order.
+            for job in jobs.into_iter().rev() {
+                let mine = vectors.split_off(vectors.len() - job.texts.len());
+                let _ = job.reply.send(Ok(mine));
+            }
+        }
+        Err(error) => {
+            tracing::error!(error = %error, texts = texts.len(), "model batch failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(error.to_string()));
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The request-path error: one enum, one exhaustive table of stable codes and HTTP statuses.
+//!
+//! Codes are snake_case strings that clients may match on; they never change meaning. Internal
+//! failures get a generic message on the wire and are logged once, where they are turned into a
+//! response.
+
+use std::fmt;
+
+/// Everything a request can fail with. The message is for humans; the code is for programs.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(
+        "no memory key: send it as `Authorization: Bearer mk_...`, `X-Memory-Key` or `x-api-key`"
+    )]
+    MissingKey,
+    #[error("the key is malformed or its checksum does not match; check it was copied whole")]
+    InvalidKey,
+    #[error("the key is not known to this daemon (revoked, or never minted here)")]
+    UnknownKey,
+    #[error("this route needs the admin key")]
+    InvalidAdminKey,
+    #[error("this route needs the admin key, not a memory key")]
+    AdminKeyRequired,
+    #[error("this route needs a memory key (mk_...), not the admin key")]
+    MemoryKeyRequired,
+    #[error("no such route: {0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed on {path}; allowed: {allowed}")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
+    #[error("request body is larger than {max_bytes} bytes")]
+    BodyTooLarge { max_bytes: usize },
+    #[error("{count} messages in one request; the maximum is {max}")]
+    TooManyMessages { count: usize, max: usize },
+    #[error("message {index} has {chars} characters; the maximum is {max}")]
+    MessageTooLong {
+        index: usize,
+        chars: usize,
+        max: usize,
+    },
+    #[error("content type must be application/json, got {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("the daemon is at its limit of {0}; retry shortly")]
+    Overloaded(&'static str),
+    #[error("the daemon is starting (loading the model or replaying un-indexed memories); retry shortly")]
+    NotReady,
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("the store could not make the write durable; nothing was acknowledged, retry later")]
+    StorageUnavailable,
+    #[error("the request took longer than {0} ms")]
+    Timeout(u64),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+/// HTTP status, as a plain number so this module needs no HTTP crate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status(pub u16);
+
+impl ApiError {
+    /// The one table: stable code and HTTP status for every variant. No `_` arm, on purpose.
+    pub fn code_and_status(&self) -> (&'static str, Status) {
+        use ApiError::*;
+        let (code, status) = match self {
+            InvalidJson(_) => ("invalid_json", 400),
+            InvalidRequest(_) => ("invalid_request", 400),
+            MissingKey => ("missing_key", 401),
+            InvalidKey => ("invalid_key", 401),
+            UnknownKey => ("unknown_key", 401),
+            InvalidAdminKey => ("invalid_admin_key", 401),
+            AdminKeyRequired => ("admin_key_required", 403),
+            MemoryKeyRequired => ("memory_key_required", 403),
+            NotFound(_) => ("not_found", 404),
+            MethodNotAllowed { .. } => ("method_not_allowed", 405),
+            BodyTooLarge { .. } => ("body_too_large", 413),
+            TooManyMessages { .. } => ("too_many_messages", 413),
+            MessageTooLong { .. } => ("message_too_long", 413),
+            UnsupportedMediaType(_) => ("unsupported_media_type", 415),
+            Overloaded(_) => ("overloaded", 429),
+            NotReady => ("not_ready", 503),
+            ShuttingDown => ("shutting_down", 503),
+            StorageUnavailable => ("storage_unavailable", 503),
+            Timeout(_) => ("timeout", 503),
+            Internal(_) => ("internal", 500),
+        };
+        (code, Status(status))
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code_and_status().0
+    }
+
+    pub fn status(&self) -> Status {
+        self.code_and_status().1
+    }
+
+    pub fn invalid(message: impl fmt::Display) -> Self {
+        ApiError::InvalidRequest(message.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(error: anyhow::Error) -> Self {
+        ApiError::Internal(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_snake_case_and_statuses_are_errors() {
+        let samples = [
+            ApiError::InvalidJson("x".into()),
+            ApiError::MissingKey,
+            ApiError::Overloaded("connections"),
+            ApiError::Internal(anyhow::anyhow!("boom")),
+        ];
+        for error in samples {
+            let (code, status) = error.code_and_status();
+            assert!(code.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!((400..600).contains(&status.0));
+        }
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_their_cause() {
+        let error = ApiError::Internal(anyhow::anyhow!("secret path /etc/x"));
+        assert_eq!(error.to_string(), "internal error");
+    }
+}

@@ -1,0 +1,344 @@
+//! Per-vault vector indexes, derived from the store and rebuildable from it at any time.
+//!
+//! A vault's index is loaded from its own key range of the store on first use, so start-up does
+//! not wait on it and no query ever reads another vault's vectors. Small vaults are searched by an
+//! exact scan (a dot product per memory: the vectors are unit length). From `hnsw_threshold`
+//! memories on, an HNSW graph is built in the background over the vectors present then; until it
+//! is ready, and for memories added after it was built, the exact scan serves.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use hnsw_rs::prelude::{DistDot, Hnsw};
+
+use crate::store::{MemoryId, Store, VaultId, DIM};
+
+/// HNSW parameters: 16 links a node (well under the library's limit of 256, which it enforces
+/// by exiting the process), construction breadth 200, search breadth at least 64.
+const HNSW_LINKS: usize = 16;
+const HNSW_LAYERS: usize = 16;
+const HNSW_EF_CONSTRUCTION: usize = 200;
+const HNSW_EF_SEARCH: usize = 64;
+
+/// One scored candidate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hit {
+    pub id: MemoryId,
+    pub score: f32,
+}
+
+/// The vectors of one vault, flat, plus an optional HNSW graph over a prefix of them.
+pub struct VaultIndex {
+    ids: Vec<MemoryId>,
+    vectors: Vec<f32>,
+    present: HashSet<MemoryId>,
+    graph: Option<Graph>,
+    building: bool,
+}
+
+struct Graph {
+    hnsw: Hnsw<'static, f32, DistDot>,
+    /// The graph covers `ids[..covered]`.
+    covered: usize,
+}
+
+impl VaultIndex {
+    pub fn new() -> VaultIndex {
+        VaultIndex {
+            ids: Vec::new(),
+            vectors: Vec::new(),
+            present: HashSet::new(),
+            graph: None,
+            building: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Adds a unit vector; a memory already present is left as it is.
+    pub fn insert(&mut self, id: MemoryId, vector: &[f32]) {
+        debug_assert_eq!(vector.len(), DIM);
+        if self.present.insert(id) {
+            self.ids.push(id);
+            self.vectors.extend_from_slice(vector);
+        }
+    }
+
+    /// The `k` most similar memories by cosine similarity, best first.
+    pub fn search(&self, query: &[f32], k: usize) -> Vec<Hit> {
+        if k == 0 || self.ids.is_empty() {
+            return Vec::new();
+        }
+        let (mut hits, scan_from) = match &self.graph {
+            Some(graph) => {
+                let ef = HNSW_EF_SEARCH.max(2 * k);
+                let hits = graph
+                    .hnsw
+                    .search(query, k, ef)
+                    .into_iter()
+                    .map(|n| Hit {
+                        id: self.ids[n.d_id],
+                        score: 1.0 - n.distance,
+                    })
+                    .collect();
+                (hits, graph.covered)
+            }
+            None => (Vec::new(), 0),
+        };
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        exact_top_k(
+            query,
+            &self.ids[scan_from..],
+            &self.vectors[scan_from * DIM..],
+            k,
+            &mut hits,
+        );
+        hits
+    }
+
+    /// Whether this vault should get a graph now (large, none yet, none building).
+    fn wants_graph(&self, threshold: usize) -> bool {
+        !self.building
+            && self.ids.len() >= threshold
+            && self
+                .graph
+                .as_ref()
+                .is_none_or(|g| self.ids.len() >= 2 * g.covered)
+    }
+}
+
+impl Default for VaultIndex {
+    fn default() -> Self {
+        VaultIndex::new()
+    }
+}
+
+/// Exact scan: merges the best `k` of `vectors` into `hits`, sorted best first.
+pub fn exact_top_k(
+    query: &[f32],
+    ids: &[MemoryId],
+    vectors: &[f32],
+    k: usize,
+    hits: &mut Vec<Hit>,
+) {
+    for (id, vector) in ids.iter().zip(vectors.chunks_exact(DIM)) {
+        let score = dot(query, vector);
+        if hits.len() < k {
+            hits.push(Hit { id: *id, score });
+            if hits.len() == k {
+                hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+            }
+        } else if score > hits[k - 1].score {
+            // Insert in place; k is small, so a shift beats a heap.
+            let at = hits.partition_point(|h| h.score >= score);
+            hits.insert(at, Hit { id: *id, score });
+            hits.pop();
+        }
+    }
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+    hits.truncate(k);
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise the loop.
+    let mut acc = [0f32; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    acc.iter().sum()
+}
+
+fn build_graph(ids_len: usize, vectors: &[f32]) -> Hnsw<'static, f32, DistDot> {
+    let hnsw = Hnsw::new(
+        HNSW_LINKS,
+        ids_len,
+        HNSW_LAYERS,
+        HNSW_EF_CONSTRUCTION,
+        DistDot {},
+    );
+    let data: Vec<(&[f32], usize)> = vectors
+        .chunks_exact(DIM)
+        .enumerate()
+        .map(|(i, v)| (v, i))
+        .collect();
+    hnsw.parallel_insert_slice(&data);
+    hnsw
+}
+
+type Slot = Arc<OnceLock<Result<RwLock<VaultIndex>, String>>>;
+
+/// Every loaded vault's index. A vault not yet loaded is loaded from the store on first use.
+pub struct Indexes {
+    slots: Mutex<HashMap<VaultId, Slot>>,
+    hnsw_threshold: usize,
+}
+
+impl Indexes {
+    pub fn new(hnsw_threshold: usize) -> Indexes {
+        Indexes {
+            slots: Mutex::new(HashMap::new()),
+            hnsw_threshold,
+        }
+    }
+
+    fn slot(&self, vault: VaultId) -> Slot {
+        self.slots
+            .lock()
+            .expect("index map lock")
+            .entry(vault)
+            .or_default()
+            .clone()
+    }
+
+    /// Runs `f` on the vault's index, loading it from the store first if needed. Blocking: call
+    /// from a thread that may block.
+    pub fn with_index<T>(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        vault: VaultId,
+        f: impl FnOnce(&VaultIndex) -> T,
+    ) -> anyhow::Result<T> {
+        let slot = self.slot(vault);
+        let loaded = slot.get_or_init(|| {
+            load(store, vault)
+                .map(RwLock::new)
+                .map_err(|e| format!("{e:#}"))
+        });
+        let index = loaded
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("loading the index of {vault}: {e}"))?;
+        let result = f(&index.read().expect("vault index lock"));
+        Ok(result)
+    }
+
+    /// Adds freshly embedded vectors to the vault's index if it is loaded (otherwise the store
+    /// already holds them and the first load will read them), and starts a graph build if due.
+    pub fn insert(self: &Arc<Self>, vault: VaultId, items: &[(MemoryId, Vec<f32>)]) {
+        let slot = self
+            .slots
+            .lock()
+            .expect("index map lock")
+            .get(&vault)
+            .cloned();
+        let Some(slot) = slot else { return };
+        let Some(Ok(lock)) = slot.get() else { return };
+        let mut index = lock.write().expect("vault index lock");
+        for (id, vector) in items {
+            index.insert(*id, vector);
+        }
+        if index.wants_graph(self.hnsw_threshold) {
+            index.building = true;
+            let snapshot_len = index.ids.len();
+            let vectors = index.vectors.clone();
+            drop(index);
+            let slot = slot.clone();
+            let spawned = std::thread::Builder::new()
+                .name("hnsw-build".into())
+                .spawn(move || {
+                    let started = std::time::Instant::now();
+                    let hnsw = build_graph(snapshot_len, &vectors);
+                    if let Some(Ok(lock)) = slot.get() {
+                        let mut index = lock.write().expect("vault index lock");
+                        index.graph = Some(Graph {
+                            hnsw,
+                            covered: snapshot_len,
+                        });
+                        index.building = false;
+                    }
+                    tracing::info!(
+                        memories = snapshot_len,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "built a vault's HNSW graph"
+                    );
+                });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start an HNSW build; the exact scan keeps serving");
+                if let Ok(mut index) = lock.write() {
+                    index.building = false;
+                }
+            }
+        }
+    }
+
+    pub fn loaded_vaults(&self) -> usize {
+        self.slots.lock().expect("index map lock").len()
+    }
+}
+
+fn load(store: &Store, vault: VaultId) -> anyhow::Result<VaultIndex> {
+    let mut index = VaultIndex::new();
+    for (id, vector) in store.vault_vectors(vault)? {
+        index.insert(id, &vector);
+    }
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut v: Vec<f32> = (0..DIM)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    }
+
+    #[test]
+    fn exact_scan_ranks_the_query_itself_first() {
+        let mut index = VaultIndex::new();
+        for i in 0..100 {
+            index.insert(MemoryId(i), &unit(i));
+        }
+        let hits = index.search(&unit(42), 5);
+        assert_eq!(hits.len(), 5);
+        assert_eq!(hits[0].id, MemoryId(42));
+        assert!((hits[0].score - 1.0).abs() < 1e-4);
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    #[test]
+    fn inserting_twice_keeps_one_copy() {
+        let mut index = VaultIndex::new();
+        index.insert(MemoryId(1), &unit(1));
+        index.insert(MemoryId(1), &unit(1));
+        assert_eq!(index.len(), 1);
+        assert_eq!(index.search(&unit(1), 10).len(), 1);
+    }
+
+    #[test]
+    fn graph_and_tail_together_find_old_and_new_memories() {
+        let mut index = VaultIndex::new();
+        for i in 0..2000 {
+            index.insert(MemoryId(i), &unit(i));
+        }
+        index.graph = Some(Graph {
+            hnsw: build_graph(2000, &index.vectors),
+            covered: 2000,
+        });
+        for i in 2000..2100 {
+            index.insert(MemoryId(i), &unit(i));
+        }
+        assert_eq!(index.search(&unit(7), 3)[0].id, MemoryId(7));
+        assert_eq!(index.search(&unit(2050), 3)[0].id, MemoryId(2050));
+    }
+}

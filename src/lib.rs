@@ -1,0 +1,38 @@
+//! memory-sidecar: a retrieval-only memory daemon that runs beside an LLM gateway.
+//!
+//! Flow: around each model call the gateway calls `POST /v1/memory/prepare` (the conversation in,
+//! a ready-to-inject `context` of this user's relevant memories out) and `POST /v1/memory/ingest`
+//! (the finished exchange in, 202 once it is durable). Inference and provider keys never leave the
+//! gateway; the only model here is a small local embedding model. A Memory Key (`mk_...`) selects
+//! one user's private vault.
+//!
+//! Code map:
+//! - `main.rs`: flags -> [`config::Config`] -> tracing -> [`app::App::open`] -> [`http::serve`].
+//! - [`http`]: hyper, routes, wire JSON, limits, graceful shutdown.
+//! - [`app`]: the domain operations (authenticate, prepare, ingest, mint keys), the indexer.
+//! - [`auth`]: key format, hashing, constant-time checks; yields an [`auth::Access`].
+//! - [`embed`]: tokenizer + ONNX Runtime session on their own thread, fed by a bounded queue.
+//! - [`index`]: per-vault vector indexes (exact scan, HNSW when large), derived from the store.
+//! - [`store`]: sled, the single source of truth, and the group-commit thread.
+//! - [`metrics`], [`error`], [`config`].
+//!
+//! Invariants:
+//! 1. Only `http` knows hyper and the wire JSON. Domain code takes and returns domain types.
+//! 2. The store is the truth. Every index is derived and can be rebuilt from it at any time.
+//! 3. An ingest is acknowledged only after it is durable (flush + fsync); embedding and indexing
+//!    after the acknowledgement are replayed from the store's `pending` set after a crash.
+//! 4. Model inference never runs on a tokio worker thread.
+//! 5. Everything has an upper bound: body bytes, messages, characters, tokens per text, `limit`,
+//!    queued texts, requests in flight, connections, request time. Past a bound: a clear error.
+//! 6. A vault is chosen by the key alone, never by anything else in the request.
+//! 7. No key and no memory text is logged or used as a metric label.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod embed;
+pub mod error;
+pub mod http;
+pub mod index;
+pub mod metrics;
+pub mod store;

@@ -1,0 +1,202 @@
+//! A private Prometheus registry with named collectors.
+//!
+//! Names follow `memory_sidecar_<name>_<unit>[_total]`. Labels come from small fixed sets
+//! (route, status class, mode); never a key, a vault, a memory or a raw path.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Cheap to clone: every collector is an `Arc` inside.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_seconds: HistogramVec,
+    pub http_connections: IntGauge,
+    pub prepare_mode: IntCounterVec,
+    pub embed_batch_texts: Histogram,
+    pub embed_batch_tokens: Histogram,
+    pub embed_batch_seconds: Histogram,
+    pub embed_queue_wait_seconds: Histogram,
+    pub embed_queue_texts: IntGauge,
+    pub embed_pending: IntGauge,
+    pub index_search_seconds: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_batch_size: Histogram,
+    pub memories_stored: IntCounterVec,
+    pub vaults: IntGauge,
+    pub memories: IntGauge,
+    pub replay_remaining: IntGauge,
+    pub ready: IntGauge,
+}
+
+const NAMESPACE: &str = "memory_sidecar";
+
+/// Latency buckets from 100 µs to 10 s.
+fn seconds_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        10.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Metrics> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NAMESPACE);
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            HistogramOpts::new(name, help)
+                .namespace(NAMESPACE)
+                .buckets(buckets)
+        };
+        let counts = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+        let metrics = Metrics {
+            http_requests: IntCounterVec::new(
+                opts(
+                    "http_requests_total",
+                    "HTTP requests answered, by route and status class.",
+                ),
+                &["route", "status"],
+            )?,
+            http_seconds: HistogramVec::new(
+                hist(
+                    "http_request_duration_seconds",
+                    "Time from request headers to response, by route.",
+                    seconds_buckets(),
+                ),
+                &["route"],
+            )?,
+            http_connections: IntGauge::with_opts(opts(
+                "http_connections",
+                "Open HTTP connections.",
+            ))?,
+            prepare_mode: IntCounterVec::new(
+                opts(
+                    "key_mode_requests_total",
+                    "Memory-key requests by the key's mode suffix.",
+                ),
+                &["mode"],
+            )?,
+            embed_batch_texts: Histogram::with_opts(hist(
+                "embed_batch_texts",
+                "Texts in one model batch.",
+                counts.clone(),
+            ))?,
+            embed_batch_tokens: Histogram::with_opts(hist(
+                "embed_batch_tokens",
+                "Padded tokens (texts x longest) in one model batch.",
+                vec![16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0],
+            ))?,
+            embed_batch_seconds: Histogram::with_opts(hist(
+                "embed_batch_duration_seconds",
+                "Model time for one batch.",
+                seconds_buckets(),
+            ))?,
+            embed_queue_wait_seconds: Histogram::with_opts(hist(
+                "embed_queue_wait_seconds",
+                "Time a text waited for the model.",
+                seconds_buckets(),
+            ))?,
+            embed_queue_texts: IntGauge::with_opts(opts(
+                "embed_queue_texts",
+                "Texts waiting for the model.",
+            ))?,
+            embed_pending: IntGauge::with_opts(opts(
+                "embed_pending_memories",
+                "Memories stored durably but not yet embedded and indexed.",
+            ))?,
+            index_search_seconds: Histogram::with_opts(hist(
+                "index_search_duration_seconds",
+                "Vector search time in one vault.",
+                seconds_buckets(),
+            ))?,
+            commit_seconds: Histogram::with_opts(hist(
+                "store_commit_duration_seconds",
+                "Time of one group commit (flush and fsync).",
+                seconds_buckets(),
+            ))?,
+            commit_batch_size: Histogram::with_opts(hist(
+                "store_commit_waiters",
+                "Requests made durable by one group commit.",
+                counts,
+            ))?,
+            memories_stored: IntCounterVec::new(
+                opts(
+                    "ingest_messages_total",
+                    "Ingested messages by outcome (stored, duplicate, skipped).",
+                ),
+                &["outcome"],
+            )?,
+            vaults: IntGauge::with_opts(opts("vaults", "Vaults in the store."))?,
+            memories: IntGauge::with_opts(opts("memories", "Memories in the store."))?,
+            replay_remaining: IntGauge::with_opts(opts(
+                "replay_remaining_memories",
+                "Memories left to embed in the start-up replay.",
+            ))?,
+            ready: IntGauge::with_opts(opts(
+                "ready",
+                "1 once the model is loaded and replay is done.",
+            ))?,
+            registry,
+        };
+        metrics.register_all()?;
+        Ok(metrics)
+    }
+
+    fn register_all(&self) -> anyhow::Result<()> {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.http_requests.clone()),
+            Box::new(self.http_seconds.clone()),
+            Box::new(self.http_connections.clone()),
+            Box::new(self.prepare_mode.clone()),
+            Box::new(self.embed_batch_texts.clone()),
+            Box::new(self.embed_batch_tokens.clone()),
+            Box::new(self.embed_batch_seconds.clone()),
+            Box::new(self.embed_queue_wait_seconds.clone()),
+            Box::new(self.embed_queue_texts.clone()),
+            Box::new(self.embed_pending.clone()),
+            Box::new(self.index_search_seconds.clone()),
+            Box::new(self.commit_seconds.clone()),
+            Box::new(self.commit_batch_size.clone()),
+            Box::new(self.memories_stored.clone()),
+            Box::new(self.vaults.clone()),
+            Box::new(self.memories.clone()),
+            Box::new(self.replay_remaining.clone()),
+            Box::new(self.ready.clone()),
+        ];
+        for collector in collectors {
+            self.registry.register(collector)?;
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every collector.
+    pub fn render(&self) -> anyhow::Result<String> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(String::from_utf8(out)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_the_namespace() {
+        let metrics = Metrics::new().unwrap();
+        metrics
+            .http_requests
+            .with_label_values(&["prepare", "2xx"])
+            .inc();
+        metrics.embed_batch_texts.observe(3.0);
+        let text = metrics.render().unwrap();
+        assert!(
+            text.contains("memory_sidecar_http_requests_total{route=\"prepare\",status=\"2xx\"} 1")
+        );
+        assert!(text.contains("memory_sidecar_embed_batch_texts_bucket"));
+    }
+}
