@@ -15,6 +15,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
     pub http_connections: IntGauge,
+    pub http_in_flight: IntGauge,
     pub prepare_mode: IntCounterVec,
     pub embed_batch_texts: Histogram,
     pub embed_batch_tokens: Histogram,
@@ -72,6 +73,10 @@ impl Metrics {
             http_connections: IntGauge::with_opts(opts(
                 "http_connections",
                 "Open HTTP connections.",
+            ))?,
+            http_in_flight: IntGauge::with_opts(opts(
+                "http_requests_in_flight",
+                "Requests received and not yet answered.",
             ))?,
             prepare_mode: IntCounterVec::new(
                 opts(
@@ -151,6 +156,7 @@ impl Metrics {
             Box::new(self.http_requests.clone()),
             Box::new(self.http_seconds.clone()),
             Box::new(self.http_connections.clone()),
+            Box::new(self.http_in_flight.clone()),
             Box::new(self.prepare_mode.clone()),
             Box::new(self.embed_batch_texts.clone()),
             Box::new(self.embed_batch_tokens.clone()),

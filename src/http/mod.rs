@@ -155,6 +155,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let route = Route::of(request.uri().path());
+    app.metrics.http_in_flight.inc();
     let timeout = app.config().limits.request_timeout;
     let outcome =
         match tokio::time::timeout(timeout, dispatch(&app, &inflight, route, request)).await {
@@ -178,6 +179,7 @@ async fn handle(
         .http_seconds
         .with_label_values(&[route.label()])
         .observe(started.elapsed().as_secs_f64());
+    metrics.http_in_flight.dec();
     Ok(response)
 }
 

@@ -1,0 +1,357 @@
+//! Test harness: the real `memory-sidecar` binary on 127.0.0.1:0 with a temp data dir and the
+//! real model, plus a small blocking HTTP/1.1 client that can also send malformed or slow
+//! requests. No fixed ports; readiness is polled, never slept for.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz";
+const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until `/readyz` answers 200.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Daemon {
+        let daemon = Daemon::spawn(data_dir, args);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts the daemon and returns once it listens (it may still be replaying).
+    pub fn spawn(data_dir: &Path, args: &[&str]) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_memory-sidecar"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("MEMORY_SIDECAR_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("MEMORY_SIDECAR_ADMIN_KEY", ADMIN_KEY)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--models-dir")
+            .arg(models_dir())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawning memory-sidecar");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let err_pipe = child.stderr.take().expect("stderr piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("reading the daemon's stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("memory-sidecar listening on http://")
+            .unwrap_or_else(|| {
+                panic!(
+                    "daemon did not report its address; stdout {line:?}, stderr:\n{}",
+                    stderr.lock().unwrap().join("\n")
+                )
+            })
+            .parse()
+            .expect("a socket address");
+        Daemon {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            stderr,
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = try_request(self.addr, "GET", "/readyz", &[], b"") {
+                if response.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "daemon not ready within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing `needle` on the daemon's stderr.
+    pub fn wait_for_log(&self, needle: &str) {
+        let started = Instant::now();
+        while !self.stderr().contains(needle) {
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no log line with {needle:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaping");
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(started.elapsed() < DEADLINE, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        try_request(self.addr, method, path, headers, body).expect("HTTP request")
+    }
+
+    pub fn post_json(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        session: Option<&str>,
+        body: &Value,
+    ) -> Response {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        if let Some(session) = session {
+            headers.push(("X-Session-ID", session));
+        }
+        self.request("POST", path, &headers, body.to_string().as_bytes())
+    }
+
+    pub fn mint_key(&self, name: &str) -> String {
+        let response = self.post_json("/v1/keys", Some(ADMIN_KEY), None, &json!({"name": name}));
+        assert_eq!(response.status, 201, "{}", response.text());
+        response.json()["key"].as_str().expect("a key").to_owned()
+    }
+
+    pub fn ingest(&self, key: &str, session: Option<&str>, messages: Value) -> Value {
+        let response = self.post_json(
+            "/v1/memory/ingest",
+            Some(key),
+            session,
+            &json!({"messages": messages}),
+        );
+        assert_eq!(response.status, 202, "{}", response.text());
+        response.json()
+    }
+
+    pub fn prepare(&self, key: &str, session: Option<&str>, question: &str) -> Value {
+        let body = json!({"messages": [{"role": "user", "content": question}], "limit": 10});
+        let response = self.post_json("/v1/memory/prepare", Some(key), session, &body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.json()
+    }
+
+    /// Prepares until `id` is among the memories returned (it is embedded in the background
+    /// after the 202), and returns that answer.
+    pub fn prepare_until_found(
+        &self,
+        key: &str,
+        session: Option<&str>,
+        question: &str,
+        id: &str,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let answer = self.prepare(key, session, question);
+            if memory_ids(&answer).iter().any(|found| found == id) {
+                return answer;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "{id} never returned for {question:?}; last answer {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits until nothing is left to embed (the pending gauge is zero).
+    pub fn wait_indexed(&self) {
+        let started = Instant::now();
+        loop {
+            let metrics = self.request("GET", "/metrics", &[], b"").text();
+            if metric_value(&metrics, "memory_sidecar_embed_pending_memories") == Some(0.0) {
+                return;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "memories never finished embedding"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn memory_ids(answer: &Value) -> Vec<String> {
+    answer["memories"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn first_id(ingested: &Value) -> String {
+    ingested["ids"][0].as_str().expect("an id").to_owned()
+}
+
+/// The value of one series, written exactly as rendered (`name` or `name{label="v",...}`).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Writes a raw request and reads the whole response (the connection is closed after it).
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    read_response(&mut stream)
+}
+
+pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no header end in {:?}",
+                String::from_utf8_lossy(&raw)
+            ))
+        })?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Ok(Response {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    })
+}

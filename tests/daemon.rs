@@ -1,0 +1,749 @@
+//! Through the front door: the real binary, the real model, a real sled store in a temp dir.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{first_id, memory_ids, metric_value, read_response, Daemon, ADMIN_KEY};
+use serde_json::{json, Value};
+
+fn user(content: &str) -> Value {
+    json!({"role": "user", "content": content})
+}
+
+const DISTRACTORS: &[&str] = &[
+    "I went hiking in the Alps with my brother last summer.",
+    "My favourite programming language is Rust.",
+    "I drive a blue 2015 Toyota Corolla.",
+    "We adopted a grey cat called Pixel in March.",
+    "I work as a nurse on the night shift at the city hospital.",
+    "My daughter starts primary school in September.",
+    "I'm learning to play the piano, mostly Chopin.",
+];
+
+#[test]
+fn prepare_finds_the_ingested_memory_among_distractors() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--log", "debug"]);
+    let key = daemon.mint_key("user:1");
+    for fact in DISTRACTORS {
+        daemon.ingest(&key, None, json!([user(fact)]));
+    }
+    let target = daemon.ingest(
+        &key,
+        None,
+        json!([user("I am severely allergic to peanuts.")]),
+    );
+    let target_id = first_id(&target);
+    daemon.wait_indexed();
+
+    let answer = daemon.prepare(
+        &key,
+        None,
+        "Which foods must I avoid because of my allergy?",
+    );
+    assert_eq!(memory_ids(&answer).first(), Some(&target_id), "{answer}");
+    let context = answer["context"].as_str().expect("a context");
+    assert!(context.contains("allergic to peanuts"), "{context}");
+    assert!(
+        context.contains("today"),
+        "the context dates each memory: {context}"
+    );
+    assert!(context.starts_with("Memories about the user"), "{context}");
+    assert!(answer["tokens"].as_u64().unwrap() > 0);
+    let memory = &answer["memories"][0];
+    assert_eq!(memory["role"], "user");
+    assert!(memory["score"].as_f64().unwrap() > 0.25);
+    assert!(memory["created_at"].as_str().unwrap().ends_with('Z'));
+
+    // Nothing relevant: a null context rather than the nearest noise.
+    let answer = daemon.prepare(
+        &key,
+        None,
+        "Explain the rules of cricket's leg before wicket.",
+    );
+    assert!(answer["context"].is_null(), "{answer}");
+    assert_eq!(answer["tokens"], 0);
+
+    // Neither the key's secret nor any memory text reaches the logs, even at debug level.
+    let logs = daemon.stderr();
+    assert!(!logs.contains(&key[3..]), "the key leaked into the logs");
+    assert!(
+        !logs.contains(ADMIN_KEY),
+        "the admin key leaked into the logs"
+    );
+    assert!(
+        !logs.contains("peanuts"),
+        "memory text leaked into the logs"
+    );
+}
+
+#[test]
+fn two_keys_never_see_each_others_memories() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let alice = daemon.mint_key("user:alice");
+    let bob = daemon.mint_key("user:bob");
+    let alice_id = first_id(&daemon.ingest(
+        &alice,
+        None,
+        json!([user("My locker code at the gym is 4812.")]),
+    ));
+    let bob_id = first_id(&daemon.ingest(
+        &bob,
+        None,
+        json!([user("My locker at the gym is number 17.")]),
+    ));
+    daemon.wait_indexed();
+
+    let question = "What is my gym locker code?";
+    let for_alice = daemon.prepare_until_found(&alice, None, question, &alice_id);
+    let for_bob = daemon.prepare_until_found(&bob, None, question, &bob_id);
+    assert!(!memory_ids(&for_alice).contains(&bob_id), "{for_alice}");
+    assert!(!memory_ids(&for_bob).contains(&alice_id), "{for_bob}");
+    assert!(!for_bob.to_string().contains("4812"), "{for_bob}");
+    assert!(!for_alice.to_string().contains("number 17"), "{for_alice}");
+}
+
+#[test]
+fn suffix_modes_switch_retrieval_and_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:modes");
+    let fact = |text: &str| json!([user(text)]);
+
+    let off = daemon.ingest(
+        &format!("{key}:off"),
+        None,
+        fact("I collect vintage fountain pens."),
+    );
+    assert_eq!(off, json!({"stored": 0, "ids": []}));
+    let read = daemon.ingest(
+        &format!("{key}:read"),
+        None,
+        fact("I collect vintage fountain pens."),
+    );
+    assert_eq!(read["stored"], 0);
+    let write = daemon.ingest(
+        &format!("{key}:write"),
+        None,
+        fact("I collect vintage fountain pens."),
+    );
+    assert_eq!(write["stored"], 1);
+    let id = first_id(&write);
+    daemon.wait_indexed();
+
+    let question = "What do I collect as a hobby?";
+    let found = daemon.prepare_until_found(&format!("{key}:read"), None, question, &id);
+    assert!(found["context"].is_string());
+    let full = daemon.prepare(&key, None, question);
+    assert_eq!(memory_ids(&full), vec![id.clone()]);
+    for disabled in [format!("{key}:write"), format!("{key}:off")] {
+        let answer = daemon.prepare(&disabled, None, question);
+        assert_eq!(
+            answer,
+            json!({"context": null, "memories": [], "tokens": 0}),
+            "{disabled}"
+        );
+    }
+    // An unknown suffix is not silently widened to full access.
+    let response = daemon.post_json(
+        "/v1/memory/prepare",
+        Some(&format!("{key}:admin")),
+        None,
+        &json!({"messages": [user(question)]}),
+    );
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (401, "invalid_key")
+    );
+}
+
+#[test]
+fn session_memories_rank_first_and_other_sessions_are_searched_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:sessions");
+    let in_one = first_id(&daemon.ingest(
+        &key,
+        Some("s-1"),
+        json!([user("My favourite colour is green.")]),
+    ));
+    let in_two = first_id(&daemon.ingest(
+        &key,
+        Some("s-2"),
+        json!([user("My favourite colour is green!")]),
+    ));
+    daemon.wait_indexed();
+
+    let question = "What is my favourite colour?";
+    let from_one = daemon.prepare(&key, Some("s-1"), question);
+    assert_eq!(
+        memory_ids(&from_one),
+        vec![in_one.clone(), in_two.clone()],
+        "{from_one}"
+    );
+    assert_eq!(from_one["memories"][0]["session_id"], "s-1");
+    let from_two = daemon.prepare(&key, Some("s-2"), question);
+    assert_eq!(memory_ids(&from_two), vec![in_two, in_one], "{from_two}");
+    let without = daemon.prepare(&key, None, question);
+    assert_eq!(memory_ids(&without).len(), 2);
+}
+
+#[test]
+fn ingest_is_idempotent_and_keeps_only_what_should_be_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:ingest");
+    let exchange = json!([
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "I moved to Porto in 2021.", "timestamp": "2023-04-05T10:00:00Z"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Porto is lovely in spring."}]},
+        {"role": "user", "content": "Please forget this one.", "memory": false},
+    ]);
+    let first = daemon.ingest(&key, Some("s"), exchange.clone());
+    assert_eq!(
+        first["stored"], 2,
+        "system and memory:false messages are not stored: {first}"
+    );
+    let retried = daemon.ingest(&key, Some("s"), exchange);
+    assert_eq!(
+        retried["stored"], 0,
+        "a retried exchange is not stored twice"
+    );
+    assert_eq!(retried["ids"], first["ids"]);
+
+    let moved = first["ids"][0].as_str().unwrap().to_owned();
+    let answer = daemon.prepare_until_found(&key, None, "Which city did I move to?", &moved);
+    let memory = answer["memories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == moved.as_str())
+        .unwrap();
+    assert_eq!(
+        memory["created_at"], "2023-04-05T10:00:00Z",
+        "back-filled timestamps are kept"
+    );
+    assert!(answer["context"].as_str().unwrap().contains("2023-04-05"));
+    assert!(!answer.to_string().contains("helpful assistant"));
+    let forgotten = daemon.prepare(&key, None, "Please forget this one.");
+    assert!(
+        !forgotten.to_string().contains("Please forget"),
+        "{forgotten}"
+    );
+}
+
+#[test]
+fn every_error_has_its_status_and_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--max-body-bytes",
+            "4096",
+            "--max-messages",
+            "3",
+            "--max-message-chars",
+            "100",
+        ],
+    );
+    let key = daemon.mint_key("user:errors");
+    let ok_body = json!({"messages": [user("hello there")]});
+    let prepare =
+        |key: Option<&str>, body: &Value| daemon.post_json("/v1/memory/prepare", key, None, body);
+    let check = |response: common::Response, status: u16, code: &str| {
+        assert_eq!(
+            (response.status, response.error_code().as_str()),
+            (status, code),
+            "{}",
+            response.text()
+        );
+        let message = response.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(!message.is_empty());
+    };
+
+    let json_headers = [
+        ("Content-Type", "application/json"),
+        ("X-Memory-Key", key.as_str()),
+    ];
+    check(
+        daemon.request("POST", "/v1/memory/prepare", &json_headers, b"{nope"),
+        400,
+        "invalid_json",
+    );
+    check(
+        prepare(Some(&key), &json!({"messages": "hi"})),
+        400,
+        "invalid_request",
+    );
+    check(
+        prepare(
+            Some(&key),
+            &json!({"messages": [{"role": "robot", "content": "x"}]}),
+        ),
+        400,
+        "invalid_request",
+    );
+    check(
+        prepare(Some(&key), &json!({"messages": []})),
+        400,
+        "invalid_request",
+    );
+    check(
+        prepare(Some(&key), &json!({"messages": [user("x")], "limit": 0})),
+        400,
+        "invalid_request",
+    );
+    check(
+        prepare(
+            Some(&key),
+            &json!({"messages": [user("x")], "limit": 100000}),
+        ),
+        400,
+        "invalid_request",
+    );
+    check(
+        prepare(
+            Some(&key),
+            &json!({"messages": [user("x")], "max_tokens": -3}),
+        ),
+        400,
+        "invalid_request",
+    );
+    let bad_session = [
+        ("Content-Type", "application/json"),
+        ("X-Memory-Key", key.as_str()),
+        ("X-Session-ID", ""),
+    ];
+    check(
+        daemon.request(
+            "POST",
+            "/v1/memory/ingest",
+            &bad_session,
+            ok_body.to_string().as_bytes(),
+        ),
+        400,
+        "invalid_request",
+    );
+    check(
+        daemon.post_json(
+            "/v1/memory/ingest",
+            Some(&key),
+            None,
+            &json!({"messages": [{"role": "user", "content": "x", "timestamp": "last week"}]}),
+        ),
+        400,
+        "invalid_request",
+    );
+
+    check(prepare(None, &ok_body), 401, "missing_key");
+    check(
+        prepare(Some("mk_not-a-real-key"), &ok_body),
+        401,
+        "invalid_key",
+    );
+    let mut typo = key.clone().into_bytes();
+    typo[30] = if typo[30] == b'A' { b'B' } else { b'A' };
+    check(
+        prepare(Some(std::str::from_utf8(&typo).unwrap()), &ok_body),
+        401,
+        "invalid_key",
+    );
+    let stranger = memory_sidecar::auth::NewKey::generate().full;
+    check(prepare(Some(&stranger), &ok_body), 401, "unknown_key");
+    check(
+        daemon.post_json(
+            "/v1/keys",
+            Some("not-the-admin-key"),
+            None,
+            &json!({"name": "x"}),
+        ),
+        401,
+        "invalid_admin_key",
+    );
+
+    check(
+        daemon.post_json("/v1/keys", Some(&key), None, &json!({"name": "x"})),
+        403,
+        "admin_key_required",
+    );
+    check(
+        prepare(Some(ADMIN_KEY), &ok_body),
+        403,
+        "memory_key_required",
+    );
+
+    check(
+        daemon.request("GET", "/v1/nothing-here", &[], b""),
+        404,
+        "not_found",
+    );
+    let wrong_method = daemon.request("GET", "/v1/memory/prepare", &[], b"");
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
+    check(wrong_method, 405, "method_not_allowed");
+
+    let big = json!({"messages": [user(&"x".repeat(5000))]});
+    check(prepare(Some(&key), &big), 413, "body_too_large");
+    let many = json!({"messages": [user("a"), user("b"), user("c"), user("d")]});
+    check(prepare(Some(&key), &many), 413, "too_many_messages");
+    check(
+        prepare(Some(&key), &json!({"messages": [user(&"y".repeat(101))]})),
+        413,
+        "message_too_long",
+    );
+
+    let text_headers = [
+        ("Content-Type", "text/plain"),
+        ("X-Memory-Key", key.as_str()),
+    ];
+    check(
+        daemon.request(
+            "POST",
+            "/v1/memory/prepare",
+            &text_headers,
+            ok_body.to_string().as_bytes(),
+        ),
+        415,
+        "unsupported_media_type",
+    );
+
+    // The same bounds hold for ingest.
+    check(
+        daemon.post_json("/v1/memory/ingest", Some(&key), None, &many),
+        413,
+        "too_many_messages",
+    );
+    check(
+        daemon.post_json("/v1/memory/ingest", None, None, &ok_body),
+        401,
+        "missing_key",
+    );
+}
+
+#[test]
+fn past_the_inflight_limit_requests_get_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--max-inflight", "1"]);
+    let key = daemon.mint_key("user:busy");
+    let body = json!({"messages": [user("what do I like?")]}).to_string();
+
+    // A slow client holds the only slot: its headers are in, its body is not.
+    let mut slow = TcpStream::connect(daemon.addr).unwrap();
+    write!(
+        slow,
+        "POST /v1/memory/prepare HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         X-Memory-Key: {key}\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..5]
+    )
+    .unwrap();
+    slow.flush().unwrap();
+
+    let started = Instant::now();
+    let rejected = loop {
+        let response = daemon.post_json(
+            "/v1/memory/prepare",
+            Some(&key),
+            None,
+            &json!({"messages": [user("hi")]}),
+        );
+        if response.status == 429 {
+            break response;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never saw 429");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(rejected.error_code(), "overloaded");
+    assert_eq!(rejected.header("retry-after"), Some("1"));
+
+    // The slow request still completes normally.
+    slow.write_all(&body.as_bytes()[5..]).unwrap();
+    let response = read_response(&mut slow).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+}
+
+#[test]
+fn an_acknowledged_ingest_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:crash");
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let ingested = daemon.ingest(
+            &key,
+            None,
+            json!([user(&format!(
+                "Reminder number {i}: water the tomato plants."
+            ))]),
+        );
+        ids.push(first_id(&ingested));
+    }
+    let last = daemon.ingest(
+        &key,
+        None,
+        json!([user("My passport expires in June 2031.")]),
+    );
+    let passport = first_id(&last);
+    // Killed straight after the 202: embedding may not have happened yet.
+    daemon.kill9();
+
+    let daemon = Daemon::start(dir.path(), &[]);
+    let answer = daemon.prepare_until_found(&key, None, "When does my passport expire?", &passport);
+    assert!(answer["context"].as_str().unwrap().contains("June 2031"));
+    daemon.wait_indexed();
+    let metrics = daemon.request("GET", "/metrics", &[], b"").text();
+    assert_eq!(
+        metric_value(&metrics, "memory_sidecar_memories"),
+        Some(21.0)
+    );
+    let plants = daemon.post_json(
+        "/v1/memory/prepare",
+        Some(&key),
+        None,
+        &json!({"messages": [user("water the tomato plants reminder")], "limit": 50}),
+    );
+    let found = memory_ids(&plants.json());
+    assert!(
+        ids.iter().all(|id| found.contains(id)),
+        "every acknowledged memory is back: {found:?}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:term");
+    let kept = first_id(&daemon.ingest(
+        &key,
+        None,
+        json!([user("I was born in Valparaíso, Chile.")]),
+    ));
+
+    let body = json!({"messages": [user("where was I born?")]}).to_string();
+    let mut in_flight = TcpStream::connect(daemon.addr).unwrap();
+    write!(
+        in_flight,
+        "POST /v1/memory/prepare HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         X-Memory-Key: {key}\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..5]
+    )
+    .unwrap();
+    // Make sure the daemon is working on that request (it and the scrape itself are in flight)
+    // before the signal arrives.
+    let started = Instant::now();
+    while metric_value(
+        &daemon.request("GET", "/metrics", &[], b"").text(),
+        "memory_sidecar_http_requests_in_flight",
+    ) < Some(2.0)
+    {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon.sigterm();
+    daemon.wait_for_log("shutting down");
+    in_flight.write_all(&body.as_bytes()[5..]).unwrap();
+    let response = read_response(&mut in_flight).unwrap();
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (503, "shutting_down")
+    );
+    assert!(
+        daemon.wait_exit().success(),
+        "exit status 0 after SIGTERM:\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        TcpStream::connect(daemon.addr).is_err(),
+        "the listener is closed"
+    );
+
+    let daemon = Daemon::start(dir.path(), &[]);
+    daemon.prepare_until_found(&key, None, "Where was I born?", &kept);
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:metrics");
+    let scrape = || {
+        let response = daemon.request("GET", "/metrics", &[], b"");
+        assert_eq!(response.status, 200);
+        assert!(response
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        response.text()
+    };
+    let before = scrape();
+    check_exposition_format(&before);
+    let prepared = r#"memory_sidecar_http_requests_total{route="prepare",status="2xx"}"#;
+    assert_eq!(metric_value(&before, prepared), None);
+
+    daemon.ingest(&key, None, json!([user("I play chess on Sundays.")]));
+    daemon.prepare(&key, None, "What do I do on Sundays?");
+    daemon.prepare(&key, None, "What do I do on Sundays?");
+    daemon.wait_indexed();
+    let after = scrape();
+    check_exposition_format(&after);
+    assert_eq!(metric_value(&after, prepared), Some(2.0));
+    assert_eq!(
+        metric_value(
+            &after,
+            r#"memory_sidecar_http_requests_total{route="ingest",status="2xx"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric_value(&after, "memory_sidecar_memories"), Some(1.0));
+    assert_eq!(metric_value(&after, "memory_sidecar_vaults"), Some(1.0));
+    assert_eq!(metric_value(&after, "memory_sidecar_ready"), Some(1.0));
+    assert!(
+        metric_value(&after, "memory_sidecar_embed_batch_duration_seconds_count").unwrap() >= 3.0
+    );
+    assert!(
+        metric_value(&after, "memory_sidecar_store_commit_duration_seconds_count").unwrap() >= 2.0
+    );
+    assert!(!after.contains(&key[3..19]), "no key id in any label");
+    assert!(!after.contains("vlt_"), "no vault in any label");
+}
+
+/// Every line is a comment (`# HELP` / `# TYPE name kind`) or `series value` where the series
+/// is a metric name with an optional `{label="value",...}` set and the value a float.
+fn check_exposition_format(text: &str) {
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            typed.insert(name.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "{line}"
+        );
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        assert!(name.starts_with("memory_sidecar_"), "{line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| typed.contains(*base))
+            })
+            .unwrap_or(name);
+        assert!(
+            typed.contains(family),
+            "sample before its TYPE line: {line}"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split(',') {
+                    let (label, quoted) = pair.split_once('=').expect("label=value");
+                    assert!(
+                        label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
+                }
+            }
+        }
+    }
+    assert!(!typed.is_empty());
+}
+
+#[test]
+fn health_endpoints_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let health = daemon.request("GET", "/healthz", &[], b"");
+    assert_eq!(
+        (health.status, health.json()),
+        (200, json!({"status": "ok"}))
+    );
+    let ready = daemon.request("GET", "/readyz", &[], b"");
+    assert_eq!(
+        (ready.status, ready.json()),
+        (200, json!({"status": "ready"}))
+    );
+}
+
+#[test]
+fn a_missing_model_file_stops_start_up_and_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty_models = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_memory-sidecar"))
+        .env("MEMORY_SIDECAR_ADMIN_KEY", ADMIN_KEY)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .arg("--models-dir")
+        .arg(empty_models.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("libonnxruntime.so.1.31.1"), "{stderr}");
+    assert!(stderr.contains("make models"), "{stderr}");
+}
+
+#[test]
+fn invalid_configuration_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_memory-sidecar"))
+        .args(["--max-limit", "5", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--max-limit"));
+}
+
+#[test]
+fn a_generated_admin_key_is_kept_private_on_disk() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_memory-sidecar"));
+    command.env_remove("MEMORY_SIDECAR_ADMIN_KEY");
+    // The key file is written before the model loads, so an empty models dir still shows it.
+    let empty_models = tempfile::tempdir().unwrap();
+    let output = command
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .arg("--models-dir")
+        .arg(empty_models.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let key_file = dir.path().join("admin.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert!(key.len() >= 32);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("admin.key") && !stderr.contains(key.trim()),
+        "{stderr}"
+    );
+}
