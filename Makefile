@@ -10,8 +10,10 @@ CARGO ?= cargo
 run: models
 	$(CARGO) run --release --bin memory-sidecar
 
+# Benchmarks run once, smoke-sized, so they cannot rot; the tests run last.
 test: models
-	$(CARGO) test --all-targets
+	$(CARGO) test --benches
+	$(CARGO) test --lib --bins --tests
 
 models: $(MODELS_DIR)/libonnxruntime.so.1.31.1 $(MODELS_DIR)/model.onnx $(MODELS_DIR)/tokenizer.json
 

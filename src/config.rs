@@ -16,6 +16,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// ONNX Runtime's graph optimisation level. `basic` measured fastest for this int8 model on
+/// the reference machine (README.md, "Measured"): the extended fusions slow it down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphOptimization {
+    Disable,
+    Basic,
+    Extended,
+    All,
+}
+
 /// The raw command line, as clap sees it. Validated into [`Config`] by [`Flags::validate`].
 #[derive(Debug, Parser)]
 #[command(
@@ -108,6 +118,14 @@ pub struct Flags {
     /// Threads ONNX Runtime uses for one batch (0 = one per core).
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_THREADS", default_value_t = 0)]
     pub embed_threads: usize,
+    /// ONNX Runtime graph optimisation level.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_EMBED_GRAPH_OPTIMIZATION",
+        value_enum,
+        default_value = "basic"
+    )]
+    pub embed_graph_optimization: GraphOptimization,
     /// Most texts in one model batch.
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_BATCH_TEXTS", default_value_t = 32)]
     pub embed_batch_texts: usize,
@@ -125,7 +143,7 @@ pub struct Flags {
     #[arg(long, env = "MEMORY_SIDECAR_SHORT_QUERY_WORDS", default_value_t = 8)]
     pub short_query_words: usize,
     /// Vault size from which an HNSW graph serves queries instead of an exact scan.
-    #[arg(long, env = "MEMORY_SIDECAR_HNSW_THRESHOLD", default_value_t = 20_000)]
+    #[arg(long, env = "MEMORY_SIDECAR_HNSW_THRESHOLD", default_value_t = 50_000)]
     pub hnsw_threshold: usize,
     /// sled's page cache, in bytes.
     #[arg(long, env = "MEMORY_SIDECAR_CACHE_BYTES", default_value_t = 256 << 20)]
@@ -166,6 +184,7 @@ pub struct Limits {
 #[derive(Clone, Debug)]
 pub struct EmbedConfig {
     pub threads: usize,
+    pub optimization: GraphOptimization,
     pub batch_texts: usize,
     pub queue_texts: usize,
     pub max_text_tokens: usize,
@@ -280,6 +299,7 @@ impl Flags {
             },
             embed: EmbedConfig {
                 threads,
+                optimization: self.embed_graph_optimization,
                 batch_texts: self.embed_batch_texts,
                 queue_texts: self.embed_queue_texts,
                 max_text_tokens: self.max_text_tokens,

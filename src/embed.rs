@@ -11,12 +11,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
+use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::config::EmbedConfig;
+use crate::config::{EmbedConfig, GraphOptimization};
 use crate::metrics::Metrics;
 use crate::store::DIM;
 
@@ -201,17 +202,39 @@ pub fn load_tokenizer(path: &Path, max_tokens: usize) -> anyhow::Result<Tokenize
     Ok(tokenizer)
 }
 
-/// Opens an ONNX Runtime session for the model with `threads` intra-op threads.
-pub fn load_session(models_dir: &Path, threads: usize) -> anyhow::Result<Session> {
-    let [library, model, _] = model_files(models_dir)?;
-    let environment = ort::init_from(&library)
+/// The process's one ONNX Runtime environment (the runtime allows no second one), loaded from
+/// `library` on first use.
+fn environment(library: &Path) -> anyhow::Result<Environment> {
+    static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
+    let mut slot = ENVIRONMENT.lock().expect("environment lock");
+    if let Some(environment) = slot.as_ref() {
+        return Ok(environment.clone());
+    }
+    let environment = ort::init_from(library)
         .map_err(|e| anyhow!("loading {}: {e}", library.display()))?
         .with_name("memory-sidecar")
         .build()
         .map_err(ort_error)?;
+    *slot = Some(environment.clone());
+    Ok(environment)
+}
+
+/// Opens an ONNX Runtime session for the model with `threads` intra-op threads.
+pub fn load_session(
+    models_dir: &Path,
+    threads: usize,
+    optimization: GraphOptimization,
+) -> anyhow::Result<Session> {
+    let [library, model, _] = model_files(models_dir)?;
+    let environment = environment(&library)?;
     let session = Session::builder(&environment)
         .map_err(ort_error)?
-        .with_optimization_level(GraphOptimizationLevel::All)
+        .with_optimization_level(match optimization {
+            GraphOptimization::Disable => GraphOptimizationLevel::Disable,
+            GraphOptimization::Basic => GraphOptimizationLevel::Level1,
+            GraphOptimization::Extended => GraphOptimizationLevel::Level2,
+            GraphOptimization::All => GraphOptimizationLevel::All,
+        })
         .map_err(ort_error)?
         .with_intra_threads(threads)
         .map_err(ort_error)?
@@ -292,7 +315,7 @@ impl Embedder {
     ) -> anyhow::Result<Embedder> {
         let [_, _, tokenizer_path] = model_files(models_dir)?;
         let tokenizer = Arc::new(load_tokenizer(&tokenizer_path, config.max_text_tokens)?);
-        let mut session = load_session(models_dir, config.threads)?;
+        let mut session = load_session(models_dir, config.threads, config.optimization)?;
         let queue = Arc::new(JobQueue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),

@@ -747,3 +747,50 @@ fn a_generated_admin_key_is_kept_private_on_disk() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_key_is_read_from_each_documented_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:headers");
+    let body = json!({"messages": [user("I keep bees on my allotment.")]}).to_string();
+    let via_api_key = [
+        ("Content-Type", "application/json"),
+        ("x-api-key", key.as_str()),
+    ];
+    let ingested = daemon.request("POST", "/v1/memory/ingest", &via_api_key, body.as_bytes());
+    assert_eq!(ingested.status, 202, "{}", ingested.text());
+    let id = first_id(&ingested.json());
+    daemon.prepare_until_found(&key, None, "What animals do I keep?", &id);
+
+    let question = json!({"messages": [user("What animals do I keep?")]}).to_string();
+    let bearer = format!("Bearer {key}");
+    // A gateway may keep its provider key in Authorization and send the memory key beside it.
+    let header_sets: [Vec<(&str, &str)>; 3] = [
+        vec![("X-Memory-Key", key.as_str())],
+        vec![("Authorization", bearer.as_str())],
+        vec![
+            ("X-Memory-Key", key.as_str()),
+            ("Authorization", "Bearer sk-provider-key-for-the-model"),
+        ],
+    ];
+    for mut headers in header_sets {
+        headers.push(("Content-Type", "application/json"));
+        let response = daemon.request("POST", "/v1/memory/prepare", &headers, question.as_bytes());
+        assert_eq!(response.status, 200, "{headers:?}: {}", response.text());
+        assert_eq!(
+            memory_ids(&response.json()),
+            vec![id.clone()],
+            "{headers:?}"
+        );
+    }
+    let basic = [
+        ("Content-Type", "application/json"),
+        ("Authorization", "Basic dXNlcjpwYXNz"),
+    ];
+    let response = daemon.request("POST", "/v1/memory/prepare", &basic, question.as_bytes());
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (401, "invalid_key")
+    );
+}

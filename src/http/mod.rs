@@ -278,19 +278,19 @@ fn memory_caller(
     Ok((access, session_id(headers)?))
 }
 
-/// The memory or admin key from `Authorization: Bearer`, `X-Memory-Key` or `x-api-key`.
+/// The memory or admin key: `X-Memory-Key` first (so a caller may keep a provider key in
+/// `Authorization`), then `Authorization: Bearer`, then `x-api-key`.
 fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let raw = if let Some(value) = headers.get(AUTHORIZATION) {
+    let raw = if let Some(value) = headers.get("x-memory-key") {
+        value.to_str().map_err(|_| ApiError::InvalidKey)?.trim()
+    } else if let Some(value) = headers.get(AUTHORIZATION) {
         let text = value.to_str().map_err(|_| ApiError::InvalidKey)?;
         let (scheme, token) = text.split_once(' ').ok_or(ApiError::InvalidKey)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::InvalidKey);
         }
         token.trim()
-    } else if let Some(value) = headers
-        .get("x-memory-key")
-        .or_else(|| headers.get("x-api-key"))
-    {
+    } else if let Some(value) = headers.get("x-api-key") {
         value.to_str().map_err(|_| ApiError::InvalidKey)?.trim()
     } else {
         return Ok(None);

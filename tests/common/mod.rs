@@ -156,6 +156,10 @@ impl Daemon {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaping");
@@ -258,6 +262,10 @@ impl Daemon {
 
     /// Waits until nothing is left to embed (the pending gauge is zero).
     pub fn wait_indexed(&self) {
+        self.wait_indexed_within(DEADLINE);
+    }
+
+    pub fn wait_indexed_within(&self, deadline: Duration) {
         let started = Instant::now();
         loop {
             let metrics = self.request("GET", "/metrics", &[], b"").text();
@@ -354,4 +362,70 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
         headers,
         body: raw[split + 4..].to_vec(),
     })
+}
+
+/// A keep-alive HTTP/1.1 connection, for load drivers.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        Ok(Conn {
+            reader: BufReader::new(stream),
+            addr,
+        })
+    }
+
+    /// Sends one request and reads its response by its Content-Length.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        let mut status_line = String::new();
+        self.reader.read_line(&mut status_line)?;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut headers = Vec::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().map_err(std::io::Error::other)?;
+                }
+                headers.push((name.trim().to_owned(), value.trim().to_owned()));
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.reader.read_exact(&mut body)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
 }

@@ -1,0 +1,91 @@
+//! Vector search latency by vault size: exact scan against HNSW. `cargo bench --bench index`.
+//! Also prints HNSW recall@10 against the exact scan, so speed is not bought with misses.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use memory_sidecar::index::VaultIndex;
+use memory_sidecar::store::{MemoryId, DIM};
+
+/// Deterministic pseudo-random unit vectors, clustered a little like real sentence embeddings
+/// (a shared component plus noise), so that neighbours are not all equidistant.
+fn vectors(count: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    let centres: Vec<Vec<f32>> = (0..64)
+        .map(|_| (0..DIM).map(|_| next()).collect())
+        .collect();
+    (0..count)
+        .map(|i| {
+            let centre = &centres[i % centres.len()];
+            let mut v: Vec<f32> = centre.iter().map(|c| c + 0.8 * next()).collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let queries = vectors(64, 99);
+    let mut group = c.benchmark_group("search_top10");
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(4));
+    // INDEX_BENCH_SIZES=20000,50000 narrows the run; under `cargo test` one small size only.
+    let under_test = !std::env::args().any(|a| a == "--bench");
+    let sizes: Vec<usize> = std::env::var("INDEX_BENCH_SIZES")
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| {
+            if under_test {
+                vec![1_000]
+            } else {
+                vec![1_000, 5_000, 10_000, 20_000, 50_000]
+            }
+        });
+    for size in sizes {
+        let mut index = VaultIndex::new();
+        for (i, v) in vectors(size, size as u64).iter().enumerate() {
+            index.insert(MemoryId(i as u64), v);
+        }
+        let mut q = 0;
+        group.bench_with_input(BenchmarkId::new("exact", size), &index, |b, index| {
+            b.iter(|| {
+                q += 1;
+                index.search(&queries[q % queries.len()], 10)
+            })
+        });
+        let exact: Vec<_> = queries.iter().map(|q| index.search(q, 10)).collect();
+        let started = Instant::now();
+        index.build_graph_now();
+        let build = started.elapsed();
+        let mut found = 0;
+        for (q, truth) in queries.iter().zip(&exact) {
+            let got = index.search(q, 10);
+            found += truth
+                .iter()
+                .filter(|t| got.iter().any(|g| g.id == t.id))
+                .count();
+        }
+        println!(
+            "hnsw size={size}: build {:.2} s, recall@10 vs exact {:.3}",
+            build.as_secs_f64(),
+            found as f64 / (10 * queries.len()) as f64
+        );
+        group.bench_with_input(BenchmarkId::new("hnsw", size), &index, |b, index| {
+            b.iter(|| {
+                q += 1;
+                index.search(&queries[q % queries.len()], 10)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,374 @@
+//! Load driver over HTTP: concurrent prepare and ingest against the real daemon.
+//!
+//! `cargo bench --bench load -- [--clients 16] [--seconds 20] [--vaults 16]
+//!  [--memories 1000] [--ingest-fraction 0.2] [--rate 0]`
+//!
+//! It starts the release daemon on a temp dir, fills `--vaults` vaults with `--memories`
+//! generated memories each (varied sentences, through the public ingest API), waits until they
+//! are embedded, then drives the mix for `--seconds`. With `--rate N` (requests/s in total)
+//! requests are sent on a fixed schedule and latency is measured from the scheduled time
+//! (coordinated-omission corrected); with 0 each client sends as fast as answers come back.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Conn, Daemon};
+use serde_json::json;
+
+struct Options {
+    clients: usize,
+    seconds: u64,
+    vaults: usize,
+    memories: usize,
+    ingest_fraction: f64,
+    rate: f64,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        clients: 16,
+        seconds: 20,
+        vaults: 16,
+        memories: 1000,
+        ingest_fraction: 0.2,
+        rate: 0.0,
+    };
+    let args: Vec<String> = std::env::args().collect();
+    // Under `cargo test` (no `--bench` argument) run a smoke-sized pass, so the driver is
+    // exercised by `make test` without taking its time.
+    if !args.iter().any(|a| a == "--bench") {
+        options = Options {
+            clients: 4,
+            seconds: 2,
+            vaults: 2,
+            memories: 50,
+            ingest_fraction: 0.2,
+            rate: 0.0,
+        };
+    }
+    let mut i = 1;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        let parsed = || {
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("{} needs a number", args[i]))
+        };
+        match args[i].as_str() {
+            "--clients" => options.clients = parsed() as usize,
+            "--seconds" => options.seconds = parsed() as u64,
+            "--vaults" => options.vaults = parsed() as usize,
+            "--memories" => options.memories = parsed() as usize,
+            "--ingest-fraction" => options.ingest_fraction = parsed(),
+            "--rate" => options.rate = parsed(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    options
+}
+
+/// A small deterministic generator (xorshift), so runs are comparable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+const PEOPLE: &[&str] = &[
+    "my sister",
+    "my manager",
+    "Ana",
+    "our neighbour",
+    "my dad",
+    "a friend from school",
+    "the dentist",
+    "my partner",
+];
+const VERBS: &[&str] = &[
+    "recommended",
+    "booked",
+    "cancelled",
+    "talked about",
+    "finally finished",
+    "complained about",
+    "bought",
+    "forgot",
+];
+const THINGS: &[&str] = &[
+    "a weekend trip to Porto",
+    "the quarterly budget report",
+    "a new road bike",
+    "the pottery class on Thursdays",
+    "tickets for the jazz festival",
+    "a vegetarian lasagne recipe",
+    "the broken dishwasher",
+    "a book about Roman history",
+    "the kids' swimming lessons",
+    "a second-hand piano",
+    "the flat viewing on Elm Street",
+    "a cheaper phone plan",
+];
+const WHEN: &[&str] = &[
+    "yesterday",
+    "last Tuesday",
+    "this morning",
+    "two weeks ago",
+    "over the holidays",
+    "after work",
+    "on Sunday",
+];
+const FEELINGS: &[&str] = &[
+    "and I was relieved",
+    "which annoyed me a bit",
+    "and I'm excited about it",
+    "so I need to follow up",
+    "but nobody else cared",
+];
+
+/// One sentence of 8 to 40 words.
+fn sentence(rng: &mut Rng) -> String {
+    let mut text = format!(
+        "{} {} {} {}",
+        rng.pick(PEOPLE),
+        rng.pick(VERBS),
+        rng.pick(THINGS),
+        rng.pick(WHEN)
+    );
+    if rng.unit() < 0.5 {
+        text.push_str(&format!(", {}", rng.pick(FEELINGS)));
+    }
+    if rng.unit() < 0.3 {
+        text.push_str(&format!(
+            ", and {} {} {}",
+            rng.pick(PEOPLE),
+            rng.pick(VERBS),
+            rng.pick(THINGS)
+        ));
+    }
+    let mut chars = text.chars();
+    let first = chars
+        .next()
+        .map(|c| c.to_uppercase().to_string())
+        .unwrap_or_default();
+    format!("{first}{}.", chars.as_str())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let options = options();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--max-inflight", "1024"]);
+    let keys: Vec<String> = (0..options.vaults)
+        .map(|i| daemon.mint_key(&format!("load:{i}")))
+        .collect();
+
+    // Fill: batches of 50 messages per ingest, spread over the clients.
+    let fill_started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let batches_per_vault = options.memories.div_ceil(50);
+    let total_batches = batches_per_vault * options.vaults;
+    std::thread::scope(|scope| {
+        for client in 0..options.clients.min(8) {
+            let (keys, next, addr) = (&keys, next.clone(), daemon.addr);
+            scope.spawn(move || {
+                let mut conn = Conn::connect(addr).unwrap();
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (client as u64 + 1));
+                loop {
+                    let batch = next.fetch_add(1, Ordering::Relaxed);
+                    if batch >= total_batches {
+                        break;
+                    }
+                    let key = &keys[batch % keys.len()];
+                    let messages: Vec<_> = (0..50)
+                        .map(|_| json!({"role": "user", "content": sentence(&mut rng)}))
+                        .collect();
+                    let body = json!({"messages": messages}).to_string();
+                    let auth = format!("Bearer {key}");
+                    let headers = [
+                        ("Content-Type", "application/json"),
+                        ("Authorization", auth.as_str()),
+                    ];
+                    let response = conn
+                        .send("POST", "/v1/memory/ingest", &headers, body.as_bytes())
+                        .unwrap();
+                    assert_eq!(response.status, 202, "{}", response.text());
+                }
+            });
+        }
+    });
+    let acked = fill_started.elapsed();
+    daemon.wait_indexed_within(Duration::from_secs(3600));
+    let indexed = fill_started.elapsed();
+    let filled = total_batches * 50;
+    println!(
+        "fill: {filled} memories in {} vaults; acknowledged in {:.1} s ({:.0} messages/s), embedded and indexed in {:.1} s ({:.0} memories/s)",
+        options.vaults,
+        acked.as_secs_f64(),
+        filled as f64 / acked.as_secs_f64(),
+        indexed.as_secs_f64(),
+        filled as f64 / indexed.as_secs_f64()
+    );
+
+    // Drive.
+    let prepare_latencies = Arc::new(Mutex::new(Vec::new()));
+    let ingest_latencies = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let duration = Duration::from_secs(options.seconds);
+    let per_client_interval = (options.rate > 0.0)
+        .then(|| Duration::from_secs_f64(options.clients as f64 / options.rate));
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for client in 0..options.clients {
+            let (keys, addr) = (&keys, daemon.addr);
+            let (prepare_latencies, ingest_latencies, errors) = (
+                prepare_latencies.clone(),
+                ingest_latencies.clone(),
+                errors.clone(),
+            );
+            let ingest_fraction = options.ingest_fraction;
+            scope.spawn(move || {
+                let mut conn = Conn::connect(addr).unwrap();
+                let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ (client as u64 + 7));
+                let (mut prepares, mut ingests) = (Vec::new(), Vec::new());
+                let mut scheduled = started
+                    + per_client_interval
+                        .map_or(Duration::ZERO, |i| i.mul_f64(client as f64 / 16.0));
+                while started.elapsed() < duration {
+                    if per_client_interval.is_some() {
+                        let now = Instant::now();
+                        if scheduled > now {
+                            std::thread::sleep(scheduled - now);
+                        }
+                    } else {
+                        scheduled = Instant::now();
+                    }
+                    let key = &keys[(rng.next() % keys.len() as u64) as usize];
+                    let auth = format!("Bearer {key}");
+                    let headers = [
+                        ("Content-Type", "application/json"),
+                        ("Authorization", auth.as_str()),
+                    ];
+                    let is_ingest = rng.unit() < ingest_fraction;
+                    let (path, body, expected) = if is_ingest {
+                        let body = json!({"messages": [
+                            {"role": "user", "content": sentence(&mut rng)},
+                            {"role": "assistant", "content": sentence(&mut rng)},
+                        ]});
+                        ("/v1/memory/ingest", body, 202)
+                    } else {
+                        let question = format!(
+                            "What did {} say about {}?",
+                            rng.pick(PEOPLE),
+                            rng.pick(THINGS)
+                        );
+                        (
+                            "/v1/memory/prepare",
+                            json!({"messages": [{"role": "user", "content": question}]}),
+                            200,
+                        )
+                    };
+                    let ok = match conn.send("POST", path, &headers, body.to_string().as_bytes()) {
+                        Ok(response) => response.status == expected,
+                        Err(_) => {
+                            conn = Conn::connect(addr).unwrap();
+                            false
+                        }
+                    };
+                    let latency = scheduled.elapsed();
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    } else if is_ingest {
+                        ingests.push(latency);
+                    } else {
+                        prepares.push(latency);
+                    }
+                    if let Some(interval) = per_client_interval {
+                        scheduled += interval;
+                    }
+                }
+                prepare_latencies.lock().unwrap().extend(prepares);
+                ingest_latencies.lock().unwrap().extend(ingests);
+            });
+        }
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let mode = if options.rate > 0.0 {
+        format!(
+            "fixed rate {} req/s (latency from scheduled send time)",
+            options.rate
+        )
+    } else {
+        "closed loop (saturation)".to_owned()
+    };
+    println!(
+        "\n{} clients, {} vaults x {} memories, {:.0}% ingest, {mode}, {:.0} s; errors: {}; daemon peak RSS {:.0} MiB\n",
+        options.clients,
+        options.vaults,
+        options.memories,
+        options.ingest_fraction * 100.0,
+        elapsed,
+        errors.load(Ordering::Relaxed),
+        peak_rss_mb(daemon.pid())
+    );
+    println!("| operation | requests | throughput (req/s) | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, latencies) in [
+        ("prepare", prepare_latencies),
+        ("ingest (2 messages)", ingest_latencies),
+    ] {
+        let mut latencies = latencies.lock().unwrap().clone();
+        latencies.sort();
+        println!(
+            "| {name} | {} | {:.0} | {} | {} | {} | {} |",
+            latencies.len(),
+            latencies.len() as f64 / elapsed,
+            ms(percentile(&latencies, 0.50)),
+            ms(percentile(&latencies, 0.90)),
+            ms(percentile(&latencies, 0.99)),
+            ms(latencies.last().copied().unwrap_or_default()),
+        );
+    }
+}
