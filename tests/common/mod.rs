@@ -273,7 +273,7 @@ impl Daemon {
                 return;
             }
             assert!(
-                started.elapsed() < DEADLINE,
+                started.elapsed() < deadline,
                 "memories never finished embedding"
             );
             std::thread::sleep(Duration::from_millis(25));
