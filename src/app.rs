@@ -322,7 +322,7 @@ impl App {
             .parse::<VaultId>()
             .with_context(|| format!("key {} names a malformed vault", record.id))?;
         self.metrics
-            .prepare_mode
+            .key_mode
             .with_label_values(&[presented.mode.label()])
             .inc();
         Ok(MemoryAccess {

@@ -44,6 +44,7 @@ pub enum EmbedError {
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, String>>;
+type Pending = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, String>>;
 
 struct Job {
     texts: Vec<Vec<u32>>,
@@ -361,10 +362,7 @@ impl Embedder {
         texts: &[&str],
         priority: Priority,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let tokens = self.tokenize(texts)?;
-        let (reply, wait) = tokio::sync::oneshot::channel();
-        self.enqueue(tokens, priority, reply)?;
-        Self::finish(wait.await)
+        Self::finish(self.submit(texts, priority)?.await)
     }
 
     /// Embeds texts from a thread that may block (background indexing).
@@ -373,24 +371,19 @@ impl Embedder {
         texts: &[&str],
         priority: Priority,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let tokens = self.tokenize(texts)?;
-        let (reply, wait) = tokio::sync::oneshot::channel();
-        self.enqueue(tokens, priority, reply)?;
-        Self::finish(wait.blocking_recv())
+        Self::finish(self.submit(texts, priority)?.blocking_recv())
     }
 
-    fn enqueue(
-        &self,
-        texts: Vec<Vec<u32>>,
-        priority: Priority,
-        reply: Reply,
-    ) -> Result<(), EmbedError> {
+    /// Tokenizes on the caller's thread and queues the job; the receiver yields its vectors.
+    fn submit(&self, texts: &[&str], priority: Priority) -> Result<Pending, EmbedError> {
+        let (reply, wait) = tokio::sync::oneshot::channel();
         let job = Job {
-            texts,
+            texts: self.tokenize(texts)?,
             enqueued: Instant::now(),
             reply,
         };
-        self.queue.push(job, priority, &self.metrics)
+        self.queue.push(job, priority, &self.metrics)?;
+        Ok(wait)
     }
 
     fn finish(

@@ -16,7 +16,7 @@ pub struct Metrics {
     pub http_seconds: HistogramVec,
     pub http_connections: IntGauge,
     pub http_in_flight: IntGauge,
-    pub prepare_mode: IntCounterVec,
+    pub key_mode: IntCounterVec,
     pub embed_batch_texts: Histogram,
     pub embed_batch_tokens: Histogram,
     pub embed_batch_seconds: Histogram,
@@ -78,7 +78,7 @@ impl Metrics {
                 "http_requests_in_flight",
                 "Requests received and not yet answered.",
             ))?,
-            prepare_mode: IntCounterVec::new(
+            key_mode: IntCounterVec::new(
                 opts(
                     "key_mode_requests_total",
                     "Memory-key requests by the key's mode suffix.",
@@ -157,7 +157,7 @@ impl Metrics {
             Box::new(self.http_seconds.clone()),
             Box::new(self.http_connections.clone()),
             Box::new(self.http_in_flight.clone()),
-            Box::new(self.prepare_mode.clone()),
+            Box::new(self.key_mode.clone()),
             Box::new(self.embed_batch_texts.clone()),
             Box::new(self.embed_batch_tokens.clone()),
             Box::new(self.embed_batch_seconds.clone()),

@@ -2,11 +2,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{first_id, memory_ids, metric_value, read_response, Daemon, ADMIN_KEY};
+use common::{
+    finish_slow_prepare, first_id, memory_ids, metric_value, start_slow_prepare, Daemon, ADMIN_KEY,
+};
 use serde_json::{json, Value};
 
 fn user(content: &str) -> Value {
@@ -434,16 +435,7 @@ fn past_the_inflight_limit_requests_get_429() {
     let body = json!({"messages": [user("what do I like?")]}).to_string();
 
     // A slow client holds the only slot: its headers are in, its body is not.
-    let mut slow = TcpStream::connect(daemon.addr).unwrap();
-    write!(
-        slow,
-        "POST /v1/memory/prepare HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         X-Memory-Key: {key}\r\nContent-Length: {}\r\n\r\n{}",
-        body.len(),
-        &body[..5]
-    )
-    .unwrap();
-    slow.flush().unwrap();
+    let slow = start_slow_prepare(daemon.addr, &key, &body);
 
     let started = Instant::now();
     let rejected = loop {
@@ -463,8 +455,7 @@ fn past_the_inflight_limit_requests_get_429() {
     assert_eq!(rejected.header("retry-after"), Some("1"));
 
     // The slow request still completes normally.
-    slow.write_all(&body.as_bytes()[5..]).unwrap();
-    let response = read_response(&mut slow).unwrap();
+    let response = finish_slow_prepare(slow, &body);
     assert_eq!(response.status, 200, "{}", response.text());
 }
 
@@ -527,15 +518,7 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     ));
 
     let body = json!({"messages": [user("where was I born?")]}).to_string();
-    let mut in_flight = TcpStream::connect(daemon.addr).unwrap();
-    write!(
-        in_flight,
-        "POST /v1/memory/prepare HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         X-Memory-Key: {key}\r\nContent-Length: {}\r\n\r\n{}",
-        body.len(),
-        &body[..5]
-    )
-    .unwrap();
+    let in_flight = start_slow_prepare(daemon.addr, &key, &body);
     // Make sure the daemon is working on that request (it and the scrape itself are in flight)
     // before the signal arrives.
     let started = Instant::now();
@@ -549,8 +532,7 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     }
     daemon.sigterm();
     daemon.wait_for_log("shutting down");
-    in_flight.write_all(&body.as_bytes()[5..]).unwrap();
-    let response = read_response(&mut in_flight).unwrap();
+    let response = finish_slow_prepare(in_flight, &body);
     assert_eq!(
         (response.status, response.error_code().as_str()),
         (503, "shutting_down")

@@ -364,6 +364,29 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
     })
 }
 
+/// A prepare whose head and first five body bytes are sent, the rest held back: the daemon
+/// is left working on it. Finish it with [`finish_slow_prepare`].
+pub fn start_slow_prepare(addr: SocketAddr, key: &str, body: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).expect("connecting");
+    write!(
+        stream,
+        "POST /v1/memory/prepare HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         X-Memory-Key: {key}\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..5]
+    )
+    .expect("writing the head");
+    stream.flush().expect("flushing");
+    stream
+}
+
+pub fn finish_slow_prepare(mut stream: TcpStream, body: &str) -> Response {
+    stream
+        .write_all(&body.as_bytes()[5..])
+        .expect("writing the rest");
+    read_response(&mut stream).expect("reading the response")
+}
+
 /// A keep-alive HTTP/1.1 connection, for load drivers.
 pub struct Conn {
     reader: BufReader<TcpStream>,
