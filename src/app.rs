@@ -17,10 +17,12 @@ use crate::error::ApiError;
 use crate::index::Indexes;
 use crate::metrics::Metrics;
 use crate::store::{
-    Committer, KeyRecord, MemoryId, MemoryRecord, NewMemory, Store, VaultId, VaultRecord,
+    check_vector, Committer, KeyRecord, MemoryId, MemoryRecord, NewMemory, PendingMemory, Store,
+    VaultId, VaultRecord,
 };
 
 type VaultVector = (MemoryId, Vec<f32>);
+type Embedded = (VaultId, MemoryId, Vec<f32>);
 
 /// Memories embedded per background batch: small, so a query never waits long behind one.
 const INDEX_BATCH: usize = 16;
@@ -226,6 +228,15 @@ impl App {
         self.store.sync()
     }
 
+    /// `/readyz`: ready, and able to make writes durable.
+    pub fn check_ready(&self) -> Result<(), ApiError> {
+        self.check_serving()?;
+        if !self.committer.is_healthy() {
+            return Err(ApiError::StorageUnavailable);
+        }
+        Ok(())
+    }
+
     /// Requests other than health checks are refused unless the app is ready.
     pub fn check_serving(&self) -> Result<(), ApiError> {
         match self.state.load(Ordering::Acquire) {
@@ -265,26 +276,19 @@ impl App {
                 self.doorbell.wait(Duration::from_secs(1));
                 continue;
             }
-            let texts: Vec<&str> = batch.iter().map(|m| m.content.as_str()).collect();
-            let vectors = match self.embedder.embed_blocking(&texts, Priority::Bulk) {
-                Ok(vectors) => vectors,
-                Err(EmbedError::Closed) => return,
-                Err(error) => {
-                    tracing::error!(error = %error, "embedding stored memories failed; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
-                }
+            let Some((items, set_aside)) = self.embed_pending(&batch) else {
+                return;
             };
-            let items: Vec<_> = batch
-                .iter()
-                .zip(vectors)
-                .map(|(memory, vector)| (memory.vault, memory.id, vector))
-                .collect();
+            self.metrics.embed_pending.sub(set_aside as i64);
+            if replaying {
+                self.metrics.replay_remaining.sub(set_aside as i64);
+            }
             if let Err(error) = self.store.insert_vectors(&items) {
                 tracing::error!(error = %format!("{error:#}"), "storing vectors failed; retrying");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
+            let items_len = items.len();
             let mut by_vault: Vec<(VaultId, Vec<VaultVector>)> = Vec::new();
             for (vault, id, vector) in items {
                 match by_vault.last_mut() {
@@ -295,11 +299,56 @@ impl App {
             for (vault, group) in &by_vault {
                 self.indexes.insert(*vault, group);
             }
-            self.metrics.embed_pending.sub(batch.len() as i64);
+            self.metrics.embed_pending.sub(items_len as i64);
             if replaying {
-                self.metrics.replay_remaining.sub(batch.len() as i64);
+                self.metrics.replay_remaining.sub(items_len as i64);
             }
         }
+    }
+
+    /// Embeds a batch of pending memories. A memory the model fails on, alone, is set aside as
+    /// unembeddable (kept in the store, logged by id) so that it cannot stall the queue.
+    /// `None` when the embedder has stopped.
+    fn embed_pending(&self, batch: &[PendingMemory]) -> Option<(Vec<Embedded>, usize)> {
+        let texts: Vec<&str> = batch.iter().map(|m| m.content.as_str()).collect();
+        let vectors: Vec<Result<Vec<f32>, String>> = match self
+            .embedder
+            .embed_blocking(&texts, Priority::Bulk)
+        {
+            Ok(vectors) => vectors.into_iter().map(Ok).collect(),
+            Err(EmbedError::Closed) => return None,
+            Err(error) => {
+                tracing::warn!(error = %error, memories = batch.len(), "a background batch failed; embedding its memories one by one");
+                let mut one_by_one = Vec::with_capacity(batch.len());
+                for text in &texts {
+                    match self.embedder.embed_blocking(&[*text], Priority::Bulk) {
+                        Ok(mut vectors) => {
+                            one_by_one.push(vectors.pop().ok_or_else(|| "no vector".to_owned()))
+                        }
+                        Err(EmbedError::Closed) => return None,
+                        Err(error) => one_by_one.push(Err(error.to_string())),
+                    }
+                }
+                one_by_one
+            }
+        };
+        let mut items = Vec::with_capacity(batch.len());
+        let mut set_aside = 0;
+        for (memory, vector) in batch.iter().zip(vectors) {
+            let checked =
+                vector.and_then(|v| check_vector(&v).map(|()| v).map_err(|e| e.to_string()));
+            match checked {
+                Ok(vector) => items.push((memory.vault, memory.id, vector)),
+                Err(error) => {
+                    tracing::error!(memory = %memory.id, vault = %memory.vault, %error, "memory cannot be embedded; set aside");
+                    if let Err(error) = self.store.set_unembeddable(memory.vault, memory.id) {
+                        tracing::error!(error = %format!("{error:#}"), "setting a memory aside failed");
+                    }
+                    set_aside += 1;
+                }
+            }
+        }
+        Some((items, set_aside))
     }
 
     /// A memory key's capability, or why there is none.
@@ -358,18 +407,10 @@ impl App {
         }
         let now = now_ms();
         let vault = VaultId::generate();
-        self.store
-            .create_vault(vault, &VaultRecord { created_at_ms: now })?;
-        let key = NewKey::generate();
-        let record = KeyRecord {
-            id: key.id,
-            name: name.to_owned(),
-            hash: key.hash,
-            vault: vault.to_string(),
-            created_at_ms: now,
-            revoked_at_ms: None,
-        };
-        self.store.insert_key(&record)?;
+        let (key, record) = self.store_new_key(name, vault, now).map_err(|error| {
+            tracing::error!(error = %format!("{error:#}"), "minting a key: write failed");
+            ApiError::StorageUnavailable
+        })?;
         self.committer.commit().await.map_err(|error| {
             tracing::error!(error = %format!("{error:#}"), "minting a key: commit failed");
             ApiError::StorageUnavailable
@@ -380,6 +421,32 @@ impl App {
             key: key.full,
             record,
         })
+    }
+
+    /// Writes a new vault and a key for it (a fresh id on the unlikely clash of two 64-bit ids).
+    fn store_new_key(
+        &self,
+        name: &str,
+        vault: VaultId,
+        now: i64,
+    ) -> anyhow::Result<(NewKey, KeyRecord)> {
+        self.store
+            .create_vault(vault, &VaultRecord { created_at_ms: now })?;
+        for _ in 0..4 {
+            let key = NewKey::generate();
+            let record = KeyRecord {
+                id: key.id.clone(),
+                name: name.to_owned(),
+                hash: key.hash.clone(),
+                vault: vault.to_string(),
+                created_at_ms: now,
+                revoked_at_ms: None,
+            };
+            if self.store.insert_key(&record)? {
+                return Ok((key, record));
+            }
+        }
+        anyhow::bail!("four generated key ids were all taken")
     }
 
     fn check_messages(&self, messages: &[Message]) -> Result<(), ApiError> {
@@ -452,13 +519,15 @@ impl App {
                 tracing::error!(error = %format!("{error:#}"), "ingest: write failed");
                 ApiError::StorageUnavailable
             })?;
+        // The rows are in the store now, whatever happens to this request: count them here, so
+        // the gauges stay true when the commit fails or the caller goes away.
+        let stored = outcome.iter().filter(|(_, new)| *new).count();
+        self.metrics.memories.add(stored as i64);
+        self.metrics.embed_pending.add(stored as i64);
         self.committer.commit().await.map_err(|error| {
             tracing::error!(error = %format!("{error:#}"), "ingest: commit failed");
             ApiError::StorageUnavailable
         })?;
-        let stored = outcome.iter().filter(|(_, new)| *new).count();
-        self.metrics.memories.add(stored as i64);
-        self.metrics.embed_pending.add(stored as i64);
         let counter = &self.metrics.memories_stored;
         counter.with_label_values(&["stored"]).inc_by(stored as u64);
         counter

@@ -432,9 +432,18 @@ fn run_jobs(session: &mut Session, jobs: Vec<Job>, metrics: &Metrics) {
             }
         }
         Err(error) => {
-            tracing::error!(error = %error, texts = texts.len(), "model batch failed");
+            tracing::error!(error = %error, texts = texts.len(), jobs = jobs.len(), "model batch failed");
+            if jobs.len() == 1 {
+                for job in jobs {
+                    let _ = job.reply.send(Err(error.to_string()));
+                }
+                return;
+            }
+            // One bad job must not fail the others it was batched with: run each alone.
             for job in jobs {
-                let _ = job.reply.send(Err(error.to_string()));
+                let texts: Vec<&[u32]> = job.texts.iter().map(Vec::as_slice).collect();
+                let result = run_batch(session, &texts).map_err(|e| e.to_string());
+                let _ = job.reply.send(result);
             }
         }
     }

@@ -61,6 +61,11 @@ impl VaultIndex {
         self.ids.is_empty()
     }
 
+    /// How many memories the HNSW graph covers (0 while there is none).
+    pub fn graph_covers(&self) -> usize {
+        self.graph.as_ref().map_or(0, |g| g.covered)
+    }
+
     /// Adds a unit vector; a memory already present is left as it is.
     pub fn insert(&mut self, id: MemoryId, vector: &[f32]) {
         debug_assert_eq!(vector.len(), DIM);
@@ -260,9 +265,20 @@ impl Indexes {
                 .map(RwLock::new)
                 .map_err(|e| format!("{e:#}"))
         });
-        let index = loaded
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("loading the index of {vault}: {e}"))?;
+        let index = match loaded {
+            Ok(index) => index,
+            Err(error) => {
+                // Not cached: the next query tries again (a passing I/O error must not stick).
+                let mut slots = self.slots.lock().expect("index map lock");
+                if slots
+                    .get(&vault)
+                    .is_some_and(|current| Arc::ptr_eq(current, &slot))
+                {
+                    slots.remove(&vault);
+                }
+                anyhow::bail!("loading the index of {vault}: {error}");
+            }
+        };
         let result = f(&index.read().expect("vault index lock"));
         Ok(result)
     }
@@ -277,7 +293,9 @@ impl Indexes {
             .get(&vault)
             .cloned();
         let Some(slot) = slot else { return };
-        let Some(Ok(lock)) = slot.get() else { return };
+        // A load may be under way: wait for it. Whether or not its scan saw these vectors,
+        // inserting them now leaves the index complete (a memory present twice is kept once).
+        let Ok(lock) = slot.wait() else { return };
         let mut index = lock.write().expect("vault index lock");
         for (id, vector) in items {
             index.insert(*id, vector);
@@ -292,20 +310,28 @@ impl Indexes {
                 .name("hnsw-build".into())
                 .spawn(move || {
                     let started = std::time::Instant::now();
-                    let hnsw = build_graph(snapshot_len, &vectors);
-                    if let Some(Ok(lock)) = slot.get() {
-                        let mut index = lock.write().expect("vault index lock");
-                        index.graph = Some(Graph {
-                            hnsw,
-                            covered: snapshot_len,
-                        });
-                        index.building = false;
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        build_graph(snapshot_len, &vectors)
+                    }));
+                    let Some(Ok(lock)) = slot.get() else { return };
+                    let mut index = lock.write().expect("vault index lock");
+                    index.building = false;
+                    match built {
+                        Ok(hnsw) => {
+                            index.graph = Some(Graph {
+                                hnsw,
+                                covered: snapshot_len,
+                            });
+                            tracing::info!(
+                                memories = snapshot_len,
+                                seconds = started.elapsed().as_secs_f64(),
+                                "built a vault's HNSW graph"
+                            );
+                        }
+                        Err(_) => {
+                            tracing::error!("an HNSW build panicked; the exact scan keeps serving")
+                        }
                     }
-                    tracing::info!(
-                        memories = snapshot_len,
-                        seconds = started.elapsed().as_secs_f64(),
-                        "built a vault's HNSW graph"
-                    );
                 });
             if let Err(error) = spawned {
                 tracing::error!(%error, "could not start an HNSW build; the exact scan keeps serving");
@@ -314,10 +340,6 @@ impl Indexes {
                 }
             }
         }
-    }
-
-    pub fn loaded_vaults(&self) -> usize {
-        self.slots.lock().expect("index map lock").len()
     }
 }
 
@@ -384,5 +406,53 @@ mod tests {
         }
         assert_eq!(index.search(&unit(7), 3)[0].id, MemoryId(7));
         assert_eq!(index.search(&unit(2050), 3)[0].id, MemoryId(2050));
+    }
+
+    #[test]
+    fn a_vault_crossing_the_threshold_gets_a_graph_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let indexes = Arc::new(Indexes::new(1000));
+        let vault = VaultId::generate();
+        // Loaded (empty) first, so later inserts go to the live index.
+        assert_eq!(indexes.with_index(&store, vault, |i| i.len()).unwrap(), 0);
+        let items: Vec<(MemoryId, Vec<f32>)> = (0..1200).map(|i| (MemoryId(i), unit(i))).collect();
+        indexes.insert(vault, &items[..1000]);
+        let started = std::time::Instant::now();
+        while indexes
+            .with_index(&store, vault, |i| i.graph_covers())
+            .unwrap()
+            == 0
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "no graph was built"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        indexes.insert(vault, &items[1000..]);
+        indexes
+            .with_index(&store, vault, |index| {
+                assert_eq!(index.graph_covers(), 1000);
+                assert_eq!(index.len(), 1200);
+                assert_eq!(
+                    index.search(&unit(3), 1)[0].id,
+                    MemoryId(3),
+                    "found through the graph"
+                );
+                assert_eq!(
+                    index.search(&unit(1100), 1)[0].id,
+                    MemoryId(1100),
+                    "found in the scanned tail"
+                );
+            })
+            .unwrap();
+        // Another vault's index is untouched by all of this.
+        assert_eq!(
+            indexes
+                .with_index(&store, VaultId::generate(), |i| i.len())
+                .unwrap(),
+            0
+        );
     }
 }

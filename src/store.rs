@@ -4,14 +4,16 @@
 //! `keys` key id -> [`KeyRecord`]; `vaults` vault -> [`VaultRecord`];
 //! `memories` vault ++ memory id -> [`MemoryRecord`]; `vectors` vault ++ memory id -> 384 f32;
 //! `pending` vault ++ memory id -> () for memories stored but not yet embedded (the replay set);
-//! `dedup` vault ++ digest of a message -> memory id, so a retried exchange is stored once.
+//! `dedup` vault ++ digest of a message -> memory id, so a retried exchange is stored once;
+//! `unembeddable` vault ++ memory id -> () for memories the model failed on (kept, not indexed).
 //! Durability is the [`Committer`]'s job: sled's own flush is not an fsync (FACTS.md).
 
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -120,6 +122,7 @@ pub struct Store {
     memories: sled::Tree,
     vectors: sled::Tree,
     pending: sled::Tree,
+    unembeddable: sled::Tree,
     dedup: sled::Tree,
 }
 
@@ -185,7 +188,8 @@ pub fn decode_vector(bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
     Ok(vector)
 }
 
-fn check_vector(vector: &[f32]) -> anyhow::Result<()> {
+/// Checks a vector is a unit vector of the model's dimension.
+pub fn check_vector(vector: &[f32]) -> anyhow::Result<()> {
     if vector.len() != DIM {
         bail!("vector of dimension {}, expected {DIM}", vector.len());
     }
@@ -223,6 +227,7 @@ impl Store {
             memories: db.open_tree("memories")?,
             vectors: db.open_tree("vectors")?,
             pending: db.open_tree("pending")?,
+            unembeddable: db.open_tree("unembeddable")?,
             dedup: db.open_tree("dedup")?,
             path: dir.to_owned(),
             db,
@@ -243,10 +248,14 @@ impl Store {
         Ok(())
     }
 
-    pub fn insert_key(&self, record: &KeyRecord) -> anyhow::Result<()> {
-        self.keys
-            .insert(record.id.as_bytes(), serde_json::to_vec(record)?)?;
-        Ok(())
+    /// Stores a new key record; `false` if a record with that id already exists (left as is).
+    pub fn insert_key(&self, record: &KeyRecord) -> anyhow::Result<bool> {
+        let inserted = self.keys.compare_and_swap(
+            record.id.as_bytes(),
+            None::<&[u8]>,
+            Some(serde_json::to_vec(record)?),
+        )?;
+        Ok(inserted.is_ok())
     }
 
     pub fn key(&self, id: &str) -> anyhow::Result<Option<KeyRecord>> {
@@ -360,6 +369,15 @@ impl Store {
         Ok(batch)
     }
 
+    /// Takes a memory that cannot be embedded out of the pending set, into `unembeddable`, so
+    /// that it does not block the memories behind it. The memory itself stays stored.
+    pub fn set_unembeddable(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<()> {
+        let key = memory_key(vault, id);
+        self.unembeddable.insert(key, &[])?;
+        self.pending.remove(key)?;
+        Ok(())
+    }
+
     /// Stores vectors, then clears their pending marks. In that order, a crash in between only
     /// means the memory is embedded again at start-up.
     pub fn insert_vectors(&self, items: &[(VaultId, MemoryId, Vec<f32>)]) -> anyhow::Result<()> {
@@ -400,15 +418,22 @@ type CommitReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 ///
 /// A caller's writes are durable once `commit` returns Ok: the flush that served it began after
 /// the caller's writes were in sled's buffers.
+///
+/// A failed flush or fsync poisons the committer: every later commit fails too. After a failed
+/// fsync Linux may drop the dirty pages and report the next fsync as clean, so nothing written
+/// after it could honestly be acknowledged; a restart recovers from what is really on disk.
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<CommitReply>,
+    poisoned: Arc<AtomicBool>,
 }
 
 impl Committer {
     fn start(db: sled::Db, dir: &Path, metrics: Metrics) -> anyhow::Result<Committer> {
         let file = data_file(dir)?;
         let (tx, rx) = mpsc::channel::<CommitReply>();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let thread_poisoned = poisoned.clone();
         std::thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || {
@@ -416,11 +441,19 @@ impl Committer {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
                     let started = Instant::now();
-                    let result = db
-                        .flush()
-                        .map(|_| ())
-                        .map_err(|e| format!("flush: {e}"))
-                        .and_then(|()| file.sync_data().map_err(|e| format!("fsync: {e}")));
+                    let result = if thread_poisoned.load(Ordering::Acquire) {
+                        Err("an earlier flush or fsync failed; restart the daemon".to_owned())
+                    } else {
+                        db.flush()
+                            .map(|_| ())
+                            .map_err(|e| format!("flush: {e}"))
+                            .and_then(|()| file.sync_data().map_err(|e| format!("fsync: {e}")))
+                    };
+                    if let Err(message) = &result {
+                        if !thread_poisoned.swap(true, Ordering::AcqRel) {
+                            tracing::error!(error = %message, "the store could not be made durable; refusing writes until restart");
+                        }
+                    }
                     metrics
                         .commit_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -431,7 +464,12 @@ impl Committer {
                 }
             })
             .context("starting the group-commit thread")?;
-        Ok(Committer { tx })
+        Ok(Committer { tx, poisoned })
+    }
+
+    /// Whether writes can still be made durable.
+    pub fn is_healthy(&self) -> bool {
+        !self.poisoned.load(Ordering::Acquire)
     }
 
     /// Waits until everything written before this call is on disk.
@@ -517,6 +555,26 @@ mod tests {
         assert_eq!(store.pending_count(), 1);
         assert_eq!(store.vault_vectors(a).unwrap().len(), 1);
         assert!(store.vault_vectors(b).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_id_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let record = |name: &str| KeyRecord {
+            id: "00112233aabbccdd".into(),
+            name: name.into(),
+            hash: "h".into(),
+            vault: VaultId::generate().to_string(),
+            created_at_ms: 1,
+            revoked_at_ms: None,
+        };
+        assert!(store.insert_key(&record("first")).unwrap());
+        assert!(!store.insert_key(&record("second")).unwrap());
+        assert_eq!(
+            store.key("00112233aabbccdd").unwrap().unwrap().name,
+            "first"
+        );
     }
 
     #[test]

@@ -155,7 +155,8 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let route = Route::of(request.uri().path());
-    app.metrics.http_in_flight.inc();
+    // Decremented on drop: hyper drops this future when a client hangs up mid-request.
+    let _in_flight = InFlight::enter(&app.metrics.http_in_flight);
     let timeout = app.config().limits.request_timeout;
     let outcome =
         match tokio::time::timeout(timeout, dispatch(&app, &inflight, route, request)).await {
@@ -179,8 +180,23 @@ async fn handle(
         .http_seconds
         .with_label_values(&[route.label()])
         .observe(started.elapsed().as_secs_f64());
-    metrics.http_in_flight.dec();
     Ok(response)
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(gauge: &prometheus::IntGauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn dispatch(
@@ -211,7 +227,7 @@ async fn dispatch(
     match route {
         Route::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         Route::Readyz => {
-            app.check_serving()?;
+            app.check_ready()?;
             return Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({"status": "ready"}),
