@@ -25,7 +25,7 @@ type VaultVector = (MemoryId, Vec<f32>);
 type Embedded = (VaultId, MemoryId, Vec<f32>);
 
 /// Memories embedded per background batch: small, so a query never waits long behind one.
-const INDEX_BATCH: usize = 16;
+const INDEX_BATCH: usize = 8;
 /// Longest key name accepted.
 const MAX_KEY_NAME_CHARS: usize = 200;
 /// Longest session id or model name accepted.

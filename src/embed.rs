@@ -1,9 +1,10 @@
 //! Sentence embeddings: the tokenizer and one ONNX Runtime session on a thread of their own.
 //!
 //! Callers tokenize on their own thread, then queue a job. The model thread takes whatever is
-//! queued (queries first, then background work) up to a batch size, pads the batch to its
-//! longest member, runs it, mean-pools over the attention mask and L2-normalises. There is no
-//! timer: an idle daemon runs a lone query at once, a busy one batches what piled up meanwhile.
+//! queued up to a batch size (waiting queries alone; background work only when no query waits),
+//! pads the batch to its longest member, runs it, mean-pools over the attention mask and
+//! L2-normalises. There is no timer: an idle daemon runs a lone query at once, a busy one
+//! batches what piled up meanwhile.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -119,27 +120,30 @@ impl JobQueue {
         if state.closed {
             return None;
         }
+        // Queries and background work never share a run: a query's batch holds only queries,
+        // so it is as short as it can be, and waits at most for one background run to end.
+        let from_queries = !state.query.is_empty();
         let mut batch = Vec::new();
         let mut texts = 0;
-        while let Some(next_len) = state
-            .query
-            .front()
-            .or(state.bulk.front())
-            .map(|job| job.texts.len())
-        {
+        loop {
+            let queue = if from_queries {
+                &mut state.query
+            } else {
+                &mut state.bulk
+            };
+            let Some(next_len) = queue.front().map(|job| job.texts.len()) else {
+                break;
+            };
             if !batch.is_empty() && texts + next_len > max_texts {
                 break;
             }
-            let job = if let Some(job) = state.query.pop_front() {
-                state.query_texts -= job.texts.len();
-                job
-            } else {
-                let job = state.bulk.pop_front().expect("checked non-empty");
-                state.bulk_texts -= job.texts.len();
-                job
-            };
-            texts += job.texts.len();
-            batch.push(job);
+            batch.push(queue.pop_front().expect("front checked"));
+            texts += next_len;
+        }
+        if from_queries {
+            state.query_texts -= texts;
+        } else {
+            state.bulk_texts -= texts;
         }
         metrics
             .embed_queue_texts

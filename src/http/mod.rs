@@ -171,6 +171,12 @@ async fn handle(
         400..=499 => "4xx",
         _ => "5xx",
     };
+    tracing::debug!(
+        route = route.label(),
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
     let metrics = &app.metrics;
     metrics
         .http_requests
