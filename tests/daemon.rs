@@ -776,3 +776,34 @@ fn the_key_is_read_from_each_documented_header() {
         (401, "invalid_key")
     );
 }
+
+#[test]
+fn slow_or_silent_clients_are_disconnected_by_the_header_timeout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--header-timeout-ms", "300"]);
+    let mut slow_head = TcpStream::connect(daemon.addr).unwrap();
+    slow_head
+        .write_all(b"POST /v1/memory/prepare HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut silent = TcpStream::connect(daemon.addr).unwrap();
+    for stream in [&mut slow_head, &mut silent] {
+        // Generous read limit: the daemon must hang up long before it, not the test give up.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        assert!(
+            read.is_ok(),
+            "the daemon did not close the connection: {read:?}"
+        );
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text}"
+        );
+    }
+    // Other clients are served as usual.
+    assert_eq!(daemon.request("GET", "/healthz", &[], b"").status, 200);
+}
