@@ -110,10 +110,7 @@ impl VaultIndex {
     /// Builds the HNSW graph over every vector present, on this thread (benchmarks and tests;
     /// the daemon builds graphs in the background).
     pub fn build_graph_now(&mut self) {
-        self.graph = Some(Graph {
-            hnsw: build_graph(self.ids.len(), &self.vectors),
-            covered: self.ids.len(),
-        });
+        self.graph = Some(Graph::build(&self.vectors));
     }
 
     /// Whether this vault should get a graph now (large, none yet, none building).
@@ -219,21 +216,25 @@ impl Distance<f32> for UnitDistance {
     }
 }
 
-fn build_graph(ids_len: usize, vectors: &[f32]) -> Hnsw<'static, f32, UnitDistance> {
-    let hnsw = Hnsw::new(
-        HNSW_LINKS,
-        ids_len,
-        HNSW_LAYERS,
-        HNSW_EF_CONSTRUCTION,
-        UnitDistance,
-    );
-    let data: Vec<(&[f32], usize)> = vectors
-        .chunks_exact(DIM)
-        .enumerate()
-        .map(|(i, v)| (v, i))
-        .collect();
-    hnsw.parallel_insert_slice(&data);
-    hnsw
+impl Graph {
+    /// An HNSW graph over flat vectors, covering all of them.
+    fn build(vectors: &[f32]) -> Graph {
+        let covered = vectors.len() / DIM;
+        let hnsw = Hnsw::new(
+            HNSW_LINKS,
+            covered,
+            HNSW_LAYERS,
+            HNSW_EF_CONSTRUCTION,
+            UnitDistance,
+        );
+        let data: Vec<(&[f32], usize)> = vectors
+            .chunks_exact(DIM)
+            .enumerate()
+            .map(|(i, v)| (v, i))
+            .collect();
+        hnsw.parallel_insert_slice(&data);
+        Graph { hnsw, covered }
+    }
 }
 
 type Slot = Arc<OnceLock<Result<RwLock<VaultIndex>, String>>>;
@@ -312,7 +313,6 @@ impl Indexes {
         }
         if index.wants_graph(self.hnsw_threshold) {
             index.building = true;
-            let snapshot_len = index.ids.len();
             let vectors = index.vectors.clone();
             drop(index);
             let slot = slot.clone();
@@ -321,22 +321,19 @@ impl Indexes {
                 .spawn(move || {
                     let started = std::time::Instant::now();
                     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        build_graph(snapshot_len, &vectors)
+                        Graph::build(&vectors)
                     }));
                     let Some(Ok(lock)) = slot.get() else { return };
                     let mut index = lock.write().expect("vault index lock");
                     index.building = false;
                     match built {
-                        Ok(hnsw) => {
-                            index.graph = Some(Graph {
-                                hnsw,
-                                covered: snapshot_len,
-                            });
+                        Ok(graph) => {
                             tracing::info!(
-                                memories = snapshot_len,
+                                memories = graph.covered,
                                 seconds = started.elapsed().as_secs_f64(),
                                 "built a vault's HNSW graph"
                             );
+                            index.graph = Some(graph);
                         }
                         Err(_) => {
                             tracing::error!("an HNSW build panicked; the exact scan keeps serving")
