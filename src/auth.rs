@@ -8,6 +8,7 @@
 use std::fmt;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -25,6 +26,38 @@ pub const MIN_ADMIN_KEY_LEN: usize = 32;
 /// Longest credential header value looked at; anything longer is refused unread.
 pub const MAX_CREDENTIAL_LEN: usize = 256;
 
+/// What a memory key may do at all. A call outside its scopes is refused with 403.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// prepare, search and export, stats.
+    Read,
+    /// ingest, upload.
+    Write,
+    /// delete memories, a session, the vault's contents.
+    Delete,
+    /// manage the keys of the key's own vault.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Write, Scope::Delete, Scope::Admin];
+    pub const DEFAULT: [Scope; 2] = [Scope::Read, Scope::Write];
+
+    pub fn parse(text: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Delete => "delete",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
 /// What a key's suffix lets a request do. The suffix only ever narrows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mode {
@@ -37,6 +70,16 @@ impl Mode {
         retrieve: true,
         store: true,
     };
+
+    /// Whether the suffix leaves `scope` in place: `:read` keeps only read, `:write` only
+    /// write, `:off` nothing; without a suffix every scope of the key stays.
+    pub fn allows(self, scope: Scope) -> bool {
+        match scope {
+            Scope::Read => self.retrieve,
+            Scope::Write => self.store,
+            Scope::Delete | Scope::Admin => self.retrieve && self.store,
+        }
+    }
 
     /// A label for metrics: one of four fixed values.
     pub fn label(self) -> &'static str {
@@ -226,12 +269,47 @@ pub enum Access {
     Memory(MemoryAccess),
 }
 
-/// A memory key's capability: its vault, and what its mode allows.
+/// A memory key's capability: its vault, its scopes, and what its mode allows.
 #[derive(Clone, Debug)]
 pub struct MemoryAccess {
     pub key_id: String,
     pub vault: VaultId,
+    pub scopes: Vec<Scope>,
     pub mode: Mode,
+}
+
+impl MemoryAccess {
+    /// Whether the key holds `scope` (its suffix aside).
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+
+    /// Refuses the call unless the key holds `scope` and its suffix leaves it in place.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if !self.has_scope(scope) {
+            return Err(ApiError::ScopeRequired {
+                scope,
+                reason: "the key was not minted with it",
+            });
+        }
+        if !self.mode.allows(scope) {
+            return Err(ApiError::ScopeRequired {
+                scope,
+                reason: "the key's mode suffix (:read, :write or :off) leaves it out",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Access {
+    /// Who acted, for the audit log: `admin` or a key id.
+    pub fn actor(&self) -> String {
+        match self {
+            Access::Admin => "admin".to_owned(),
+            Access::Memory(access) => access.key_id.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -298,6 +376,38 @@ mod tests {
         let presented = PresentedKey::parse(&key.full).unwrap();
         let secret = &key.full[KEY_PREFIX.len() + ID_LEN..KEY_PREFIX.len() + ID_LEN + SECRET_LEN];
         assert!(!format!("{presented:?}").contains(secret));
+    }
+
+    #[test]
+    fn suffixes_narrow_scopes_and_never_widen_them() {
+        let access = |scopes: &[Scope], suffix: &str| {
+            let key = NewKey::generate();
+            MemoryAccess {
+                key_id: key.id.clone(),
+                vault: VaultId::generate(),
+                scopes: scopes.to_vec(),
+                mode: PresentedKey::parse(&format!("{}{suffix}", key.full))
+                    .unwrap()
+                    .mode,
+            }
+        };
+        let full = access(&Scope::ALL, "");
+        assert!(Scope::ALL.iter().all(|s| full.require(*s).is_ok()));
+        let read = access(&Scope::ALL, ":read");
+        assert!(read.require(Scope::Read).is_ok());
+        for scope in [Scope::Write, Scope::Delete, Scope::Admin] {
+            assert_eq!(
+                read.require(scope).err().unwrap().code(),
+                format!("{}_scope_required", scope.as_str())
+            );
+        }
+        let write_only = access(&[Scope::Write], ":read");
+        assert!(write_only.require(Scope::Read).is_err());
+        assert!(write_only.require(Scope::Write).is_err());
+        let off = access(&Scope::ALL, ":off");
+        assert!(Scope::ALL.iter().all(|s| off.require(*s).is_err()));
+        assert_eq!(Scope::parse("delete"), Some(Scope::Delete));
+        assert_eq!(Scope::parse("Delete"), None);
     }
 
     #[test]

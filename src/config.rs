@@ -40,6 +40,12 @@ pub struct Flags {
     /// Directory for the store and the generated admin key.
     #[arg(long, env = "MEMORY_SIDECAR_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// File holding the master key (64 hex digits) that wraps every vault's data key; generated
+    /// (mode 0600) on first start when absent. Default: `<data-dir>/master.key`. Keep it off the
+    /// data volume for real protection of a stolen disk. `MEMORY_SIDECAR_MASTER_KEY` (the key
+    /// itself) wins over this file.
+    #[arg(long, env = "MEMORY_SIDECAR_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
     /// Directory holding libonnxruntime.so.1.31.1, model.onnx and tokenizer.json (`make models`).
     #[arg(long, env = "MEMORY_SIDECAR_MODELS_DIR", default_value = "./models")]
     pub models_dir: PathBuf,
@@ -84,6 +90,26 @@ pub struct Flags {
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, env = "MEMORY_SIDECAR_MAX_MAX_TOKENS", default_value_t = 16_000)]
     pub max_max_tokens: usize,
+    /// Largest JSONL upload body, in bytes (413 past it).
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_UPLOAD_BYTES", default_value_t = 16 << 20)]
+    pub max_upload_bytes: usize,
+    /// Most memories one vault may hold (409 `vault_full` past it).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_MAX_VAULT_MEMORIES",
+        default_value_t = 100_000
+    )]
+    pub max_vault_memories: usize,
+    /// Requests per second one memory key may make, sustained (0 = no limit).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_KEY_RATE_PER_SECOND",
+        default_value_t = 50.0
+    )]
+    pub key_rate_per_second: f64,
+    /// Requests one memory key may make in a burst above its rate.
+    #[arg(long, env = "MEMORY_SIDECAR_KEY_BURST", default_value_t = 100)]
+    pub key_burst: u32,
     /// Open connections at once; further connections wait in the kernel's backlog.
     #[arg(long, env = "MEMORY_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -155,6 +181,7 @@ pub struct Flags {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub master_key_file: PathBuf,
     pub models_dir: PathBuf,
     pub log_format: LogFormat,
     pub log: String,
@@ -168,6 +195,11 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub max_upload_bytes: usize,
+    pub max_vault_memories: usize,
+    /// Sustained requests per second per memory key; 0 for none.
+    pub key_rate_per_second: f64,
+    pub key_burst: u32,
     pub max_messages: usize,
     pub max_message_chars: usize,
     pub default_limit: usize,
@@ -208,6 +240,17 @@ impl Flags {
         }
         at_least("max-body-bytes", self.max_body_bytes, 1024)?;
         at_least("max-messages", self.max_messages, 1)?;
+        at_least("max-upload-bytes", self.max_upload_bytes, 1024)?;
+        at_least("max-vault-memories", self.max_vault_memories, 1)?;
+        if !(self.key_rate_per_second >= 0.0 && self.key_rate_per_second.is_finite()) {
+            bail!(
+                "--key-rate-per-second must be 0 (no limit) or positive, got {}",
+                self.key_rate_per_second
+            );
+        }
+        if self.key_rate_per_second > 0.0 && self.key_burst == 0 {
+            bail!("--key-burst must be at least 1 when a key rate is set");
+        }
         at_least("max-message-chars", self.max_message_chars, 16)?;
         // A stored message must stay under sled's 128 KiB blob threshold (FACTS.md), even when
         // every character is a control character that JSON escapes as six bytes.
@@ -280,12 +323,19 @@ impl Flags {
         };
         Ok(Config {
             listen: self.listen,
+            master_key_file: self
+                .master_key_file
+                .unwrap_or_else(|| self.data_dir.join("master.key")),
             data_dir: self.data_dir,
             models_dir: self.models_dir,
             log_format: self.log_format,
             log: self.log,
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
+                max_upload_bytes: self.max_upload_bytes,
+                max_vault_memories: self.max_vault_memories,
+                key_rate_per_second: self.key_rate_per_second,
+                key_burst: self.key_burst,
                 max_messages: self.max_messages,
                 max_message_chars: self.max_message_chars,
                 default_limit: self.default_limit,

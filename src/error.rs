@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::auth::Scope;
+
 /// Everything a request can fail with. The message is for humans; the code is for programs.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,8 +21,30 @@ pub enum ApiError {
     MissingKey,
     #[error("the key is malformed or its checksum does not match; check it was copied whole")]
     InvalidKey,
-    #[error("the key is not known to this daemon (revoked, or never minted here)")]
+    #[error("the key is not known to this daemon")]
     UnknownKey,
+    #[error("the key was revoked")]
+    KeyRevoked,
+    #[error("the key was rotated and its grace period is over; use the key that replaced it")]
+    KeyRotated,
+    #[error("the key has expired")]
+    KeyExpired,
+    #[error("this call needs the `{}` scope, and {reason}", scope.as_str())]
+    ScopeRequired { scope: Scope, reason: &'static str },
+    #[error("no key with id {0:?} (among the keys this credential may see)")]
+    KeyNotFound(String),
+    #[error("no memory {0} in this vault")]
+    MemoryNotFound(String),
+    #[error("no vault {0}")]
+    VaultNotFound(String),
+    #[error("{0}")]
+    KeyInactive(String),
+    #[error("the vault holds {count} memories and may hold at most {max}; delete some, or ask the operator to raise --max-vault-memories")]
+    VaultFull { count: usize, max: usize },
+    #[error("this key is over its request rate; retry in {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
+    #[error("{count} lines in one upload; the maximum is {max}")]
+    TooManyLines { count: usize, max: usize },
     #[error("this route needs the admin key")]
     InvalidAdminKey,
     #[error("this route needs the admin key, not a memory key")]
@@ -45,8 +69,8 @@ pub enum ApiError {
         chars: usize,
         max: usize,
     },
-    #[error("content type must be application/json, got {0:?}")]
-    UnsupportedMediaType(String),
+    #[error("content type must be {expected}, got {got:?}")]
+    UnsupportedMediaType { expected: &'static str, got: String },
     #[error("the daemon is at its limit of {0}; retry shortly")]
     Overloaded(&'static str),
     #[error("the daemon is starting (loading the model or replaying un-indexed memories); retry shortly")]
@@ -75,6 +99,25 @@ impl ApiError {
             MissingKey => ("missing_key", 401),
             InvalidKey => ("invalid_key", 401),
             UnknownKey => ("unknown_key", 401),
+            KeyRevoked => ("key_revoked", 401),
+            KeyRotated => ("key_rotated", 401),
+            KeyExpired => ("key_expired", 401),
+            ScopeRequired { scope, .. } => (
+                match scope {
+                    Scope::Read => "read_scope_required",
+                    Scope::Write => "write_scope_required",
+                    Scope::Delete => "delete_scope_required",
+                    Scope::Admin => "admin_scope_required",
+                },
+                403,
+            ),
+            KeyNotFound(_) => ("key_not_found", 404),
+            MemoryNotFound(_) => ("memory_not_found", 404),
+            VaultNotFound(_) => ("vault_not_found", 404),
+            KeyInactive(_) => ("key_inactive", 409),
+            VaultFull { .. } => ("vault_full", 409),
+            RateLimited { .. } => ("rate_limited", 429),
+            TooManyLines { .. } => ("too_many_lines", 413),
             InvalidAdminKey => ("invalid_admin_key", 401),
             AdminKeyRequired => ("admin_key_required", 403),
             MemoryKeyRequired => ("memory_key_required", 403),
@@ -83,7 +126,7 @@ impl ApiError {
             BodyTooLarge { .. } => ("body_too_large", 413),
             TooManyMessages { .. } => ("too_many_messages", 413),
             MessageTooLong { .. } => ("message_too_long", 413),
-            UnsupportedMediaType(_) => ("unsupported_media_type", 415),
+            UnsupportedMediaType { .. } => ("unsupported_media_type", 415),
             Overloaded(_) => ("overloaded", 429),
             NotReady => ("not_ready", 503),
             ShuttingDown => ("shutting_down", 503),

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use hnsw_rs::prelude::{Distance, Hnsw};
 
-use crate::store::{MemoryId, Store, VaultId, DIM};
+use crate::crypto::VaultCipher;
+use crate::store::{EntryMeta, MemoryId, Store, VaultId, DIM};
 
 /// HNSW parameters: 16 links a node (well under the library's limit of 256, which it enforces
 /// by exiting the process), construction breadth 200, search breadth 256 (README.md, "Measured").
@@ -31,7 +32,12 @@ pub struct Hit {
 pub struct VaultIndex {
     ids: Vec<MemoryId>,
     vectors: Vec<f32>,
+    /// Beside each vector: what filters look at (date, session, tags).
+    meta: Vec<EntryMeta>,
+    /// Every id ever inserted, so a late insert of a deleted memory is not taken back in.
     present: HashSet<MemoryId>,
+    /// Deleted memories still in the arrays (and the graph); skipped by every search.
+    removed: HashSet<MemoryId>,
     graph: Option<Graph>,
     building: bool,
 }
@@ -47,18 +53,21 @@ impl VaultIndex {
         VaultIndex {
             ids: Vec::new(),
             vectors: Vec::new(),
+            meta: Vec::new(),
             present: HashSet::new(),
+            removed: HashSet::new(),
             graph: None,
             building: false,
         }
     }
 
+    /// Memories searchable now (deleted ones excluded).
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.ids.len() - self.removed.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.len() == 0
     }
 
     /// How many memories the HNSW graph covers (0 while there is none).
@@ -66,45 +75,112 @@ impl VaultIndex {
         self.graph.as_ref().map_or(0, |g| g.covered)
     }
 
-    /// Adds a unit vector; a memory already present is left as it is.
+    /// Adds a unit vector with no metadata (benchmarks and tests).
     pub fn insert(&mut self, id: MemoryId, vector: &[f32]) {
+        self.insert_with_meta(id, vector, EntryMeta::default());
+    }
+
+    /// Adds a unit vector; a memory already present (or deleted) is left as it is.
+    pub fn insert_with_meta(&mut self, id: MemoryId, vector: &[f32], meta: EntryMeta) {
         debug_assert_eq!(vector.len(), DIM);
         if self.present.insert(id) {
             self.ids.push(id);
             self.vectors.extend_from_slice(vector);
+            self.meta.push(meta);
+        }
+    }
+
+    /// Takes memories out of every later search. Their slots are reclaimed when the vault is
+    /// next loaded from the store.
+    pub fn remove(&mut self, ids: &[MemoryId]) {
+        for id in ids {
+            // Marked even if not present yet: an embedding under way must not bring it back.
+            if !self.present.insert(*id) {
+                self.removed.insert(*id);
+            }
         }
     }
 
     /// The `k` most similar memories by cosine similarity, best first.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<Hit> {
-        if k == 0 || self.ids.is_empty() {
+        if k == 0 || self.is_empty() {
             return Vec::new();
         }
         let (mut hits, scan_from) = match &self.graph {
             Some(graph) => {
-                let ef = HNSW_EF_SEARCH.max(2 * k);
+                // Deleted memories may take places in the graph's answer: ask for more.
+                let wanted = k + self.removed.len().min(k);
+                let ef = HNSW_EF_SEARCH.max(2 * wanted);
                 let hits = graph
                     .hnsw
-                    .search(query, k, ef)
+                    .search(query, wanted, ef)
                     .into_iter()
                     .map(|n| Hit {
                         id: self.ids[n.d_id],
                         score: 1.0 - n.distance,
                     })
+                    .filter(|hit| !self.removed.contains(&hit.id))
                     .collect();
                 (hits, graph.covered)
             }
             None => (Vec::new(), 0),
         };
         hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-        exact_top_k(
-            query,
-            &self.ids[scan_from..],
-            &self.vectors[scan_from * DIM..],
-            k,
-            &mut hits,
-        );
+        hits.truncate(k);
+        if self.removed.is_empty() {
+            exact_top_k(
+                query,
+                &self.ids[scan_from..],
+                &self.vectors[scan_from * DIM..],
+                k,
+                &mut hits,
+            );
+        } else {
+            self.scan(query, scan_from, k, &mut hits, |_| true);
+        }
         hits
+    }
+
+    /// The `k` most similar memories among those whose metadata `keep` accepts: an exact scan
+    /// of the whole vault, so a rare filter value is never missed the way a graph search could.
+    pub fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: &dyn Fn(&EntryMeta) -> bool,
+    ) -> Vec<Hit> {
+        let mut hits = Vec::new();
+        if k > 0 {
+            self.scan(query, 0, k, &mut hits, keep);
+        }
+        hits
+    }
+
+    fn scan(
+        &self,
+        query: &[f32],
+        from: usize,
+        k: usize,
+        hits: &mut Vec<Hit>,
+        keep: impl Fn(&EntryMeta) -> bool,
+    ) {
+        for position in from..self.ids.len() {
+            let id = self.ids[position];
+            if self.removed.contains(&id) || !keep(&self.meta[position]) {
+                continue;
+            }
+            let vector = &self.vectors[position * DIM..(position + 1) * DIM];
+            push_hit(
+                hits,
+                k,
+                Hit {
+                    id,
+                    score: dot(query, vector),
+                },
+            );
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        hits.truncate(k);
     }
 
     /// Builds the HNSW graph over every vector present, on this thread (benchmarks and tests;
@@ -139,21 +215,33 @@ pub fn exact_top_k(
     hits: &mut Vec<Hit>,
 ) {
     for (id, vector) in ids.iter().zip(vectors.chunks_exact(DIM)) {
-        let score = dot(query, vector);
-        if hits.len() < k {
-            hits.push(Hit { id: *id, score });
-            if hits.len() == k {
-                hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-            }
-        } else if score > hits[k - 1].score {
-            // Insert in place; k is small, so a shift beats a heap.
-            let at = hits.partition_point(|h| h.score >= score);
-            hits.insert(at, Hit { id: *id, score });
-            hits.pop();
-        }
+        push_hit(
+            hits,
+            k,
+            Hit {
+                id: *id,
+                score: dot(query, vector),
+            },
+        );
     }
     hits.sort_by(|a, b| b.score.total_cmp(&a.score));
     hits.truncate(k);
+}
+
+/// Keeps `hits` the best `k` seen so far: unsorted until full, then sorted best first.
+#[inline]
+fn push_hit(hits: &mut Vec<Hit>, k: usize, hit: Hit) {
+    if hits.len() < k {
+        hits.push(hit);
+        if hits.len() == k {
+            hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        }
+    } else if hit.score > hits[k - 1].score {
+        // Insert in place; k is small, so a shift beats a heap.
+        let at = hits.partition_point(|h| h.score >= hit.score);
+        hits.insert(at, hit);
+        hits.pop();
+    }
 }
 
 /// Dot product of two equal-length vectors: the cosine similarity of unit vectors. Uses AVX2
@@ -268,11 +356,12 @@ impl Indexes {
         self: &Arc<Self>,
         store: &Arc<Store>,
         vault: VaultId,
+        cipher: &VaultCipher,
         f: impl FnOnce(&VaultIndex) -> T,
     ) -> anyhow::Result<T> {
         let slot = self.slot(vault);
         let loaded = slot.get_or_init(|| {
-            load(store, vault)
+            load(store, vault, cipher)
                 .map(RwLock::new)
                 .map_err(|e| format!("{e:#}"))
         });
@@ -294,22 +383,40 @@ impl Indexes {
         Ok(result)
     }
 
-    /// Adds freshly embedded vectors to the vault's index if it is loaded (otherwise the store
-    /// already holds them and the first load will read them), and starts a graph build if due.
-    pub fn insert(self: &Arc<Self>, vault: VaultId, items: &[(MemoryId, Vec<f32>)]) {
-        let slot = self
-            .slots
+    /// Takes deleted memories out of the vault's index, if it is loaded (a later load reads
+    /// the store, where they are already gone).
+    pub fn remove(&self, vault: VaultId, ids: &[MemoryId]) {
+        if let Some(Ok(lock)) = self.loaded(vault).as_ref().map(|s| s.wait()) {
+            lock.write().expect("vault index lock").remove(ids);
+        }
+    }
+
+    /// The vault's slot if its index was asked for (loaded, or loading).
+    fn loaded(&self, vault: VaultId) -> Option<Slot> {
+        self.slots
             .lock()
             .expect("index map lock")
             .get(&vault)
-            .cloned();
-        let Some(slot) = slot else { return };
+            .cloned()
+    }
+
+    /// Forgets a vault's index entirely (the vault was erased). The next use loads it afresh.
+    pub fn forget(&self, vault: VaultId) {
+        self.slots.lock().expect("index map lock").remove(&vault);
+    }
+
+    /// Adds freshly embedded vectors to the vault's index if it is loaded (otherwise the store
+    /// already holds them and the first load will read them), and starts a graph build if due.
+    pub fn insert(self: &Arc<Self>, vault: VaultId, items: &[(MemoryId, Vec<f32>, EntryMeta)]) {
+        let Some(slot) = self.loaded(vault) else {
+            return;
+        };
         // A load may be under way: wait for it. Whether or not its scan saw these vectors,
         // inserting them now leaves the index complete (a memory present twice is kept once).
         let Ok(lock) = slot.wait() else { return };
         let mut index = lock.write().expect("vault index lock");
-        for (id, vector) in items {
-            index.insert(*id, vector);
+        for (id, vector, meta) in items {
+            index.insert_with_meta(*id, vector, meta.clone());
         }
         if index.wants_graph(self.hnsw_threshold) {
             index.building = true;
@@ -350,10 +457,10 @@ impl Indexes {
     }
 }
 
-fn load(store: &Store, vault: VaultId) -> anyhow::Result<VaultIndex> {
+fn load(store: &Store, vault: VaultId, cipher: &VaultCipher) -> anyhow::Result<VaultIndex> {
     let mut index = VaultIndex::new();
-    for (id, vector) in store.vault_vectors(vault)? {
-        index.insert(id, &vector);
+    for (id, vector, meta) in store.vault_vectors(vault, cipher)? {
+        index.insert_with_meta(id, &vector, meta);
     }
     Ok(index)
 }
@@ -410,6 +517,62 @@ mod tests {
     }
 
     #[test]
+    fn removed_memories_are_never_found_nor_taken_back() {
+        let mut index = VaultIndex::new();
+        for i in 0..50 {
+            index.insert(MemoryId(i), &unit(i));
+        }
+        index.remove(&[MemoryId(7), MemoryId(99)]);
+        assert_eq!(index.len(), 50 - 1);
+        assert!(index
+            .search(&unit(7), 50)
+            .iter()
+            .all(|h| h.id != MemoryId(7)));
+        index.insert(MemoryId(7), &unit(7));
+        index.insert(MemoryId(99), &unit(99));
+        assert!(index
+            .search(&unit(7), 50)
+            .iter()
+            .all(|h| h.id != MemoryId(7)));
+        assert!(index
+            .search(&unit(99), 50)
+            .iter()
+            .all(|h| h.id != MemoryId(99)));
+
+        let mut graphed = VaultIndex::new();
+        for i in 0..600 {
+            graphed.insert(MemoryId(i), &unit(i));
+        }
+        graphed.build_graph_now();
+        graphed.remove(&[MemoryId(3)]);
+        let hits = graphed.search(&unit(3), 5);
+        assert_eq!(hits.len(), 5);
+        assert!(hits.iter().all(|h| h.id != MemoryId(3)));
+    }
+
+    #[test]
+    fn filtered_search_sees_only_matching_memories() {
+        let mut index = VaultIndex::new();
+        for i in 0..100 {
+            let meta = EntryMeta {
+                created_at_ms: i as i64,
+                session_id: None,
+                tags: if i % 10 == 0 {
+                    vec!["rare".into()]
+                } else {
+                    Vec::new()
+                },
+            };
+            index.insert_with_meta(MemoryId(i), &unit(i), meta);
+        }
+        let hits = index.search_filtered(&unit(5), 20, &|m| m.tags.iter().any(|t| t == "rare"));
+        let mut ids: Vec<u64> = hits.iter().map(|h| h.id.0).collect();
+        ids.sort();
+        assert_eq!(ids, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]);
+        assert!(index.search_filtered(&unit(5), 0, &|_| true).is_empty());
+    }
+
+    #[test]
     fn graph_and_tail_together_find_old_and_new_memories() {
         let mut index = VaultIndex::new();
         for i in 0..2000 {
@@ -429,13 +592,21 @@ mod tests {
         let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         let indexes = Arc::new(Indexes::new(1000));
         let vault = VaultId::generate();
+        let cipher = VaultCipher::new(&[1; 32]);
         // Loaded (empty) first, so later inserts go to the live index.
-        assert_eq!(indexes.with_index(&store, vault, |i| i.len()).unwrap(), 0);
-        let items: Vec<(MemoryId, Vec<f32>)> = (0..1200).map(|i| (MemoryId(i), unit(i))).collect();
+        assert_eq!(
+            indexes
+                .with_index(&store, vault, &cipher, |i| i.len())
+                .unwrap(),
+            0
+        );
+        let items: Vec<(MemoryId, Vec<f32>, EntryMeta)> = (0..1200)
+            .map(|i| (MemoryId(i), unit(i), EntryMeta::default()))
+            .collect();
         indexes.insert(vault, &items[..1000]);
         let started = std::time::Instant::now();
         while indexes
-            .with_index(&store, vault, |i| i.graph_covers())
+            .with_index(&store, vault, &cipher, |i| i.graph_covers())
             .unwrap()
             == 0
         {
@@ -447,7 +618,7 @@ mod tests {
         }
         indexes.insert(vault, &items[1000..]);
         indexes
-            .with_index(&store, vault, |index| {
+            .with_index(&store, vault, &cipher, |index| {
                 assert_eq!(index.graph_covers(), 1000);
                 assert_eq!(index.len(), 1200);
                 assert_eq!(
@@ -465,7 +636,7 @@ mod tests {
         // Another vault's index is untouched by all of this.
         assert_eq!(
             indexes
-                .with_index(&store, VaultId::generate(), |i| i.len())
+                .with_index(&store, VaultId::generate(), &cipher, |i| i.len())
                 .unwrap(),
             0
         );

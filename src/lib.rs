@@ -29,7 +29,9 @@
 
 pub mod app;
 pub mod auth;
+pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod embed;
 pub mod error;
 pub mod http;

@@ -5,12 +5,15 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use memory_sidecar::app::App;
 use memory_sidecar::auth::AdminKey;
+use memory_sidecar::clock::SystemClock;
 use memory_sidecar::config::{Config, Flags, LogFormat};
+use memory_sidecar::crypto::MasterKey;
 use memory_sidecar::metrics::Metrics;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -57,30 +60,68 @@ fn admin_key(data_dir: &Path) -> anyhow::Result<AdminKey> {
         tracing::info!("admin key taken from MEMORY_SIDECAR_ADMIN_KEY");
         return AdminKey::new(text.trim()).context("MEMORY_SIDECAR_ADMIN_KEY");
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
     let path = data_dir.join("admin.key");
-    match std::fs::read_to_string(&path) {
+    let text = secret_file(&path, "admin key", true, AdminKey::generate_text)?;
+    AdminKey::new(text.trim()).with_context(|| format!("{}", path.display()))
+}
+
+/// The master key from `MEMORY_SIDECAR_MASTER_KEY`, or from its file, created with mode 0600
+/// on first start only: once a keyring exists, a missing master key is an error, never a new
+/// key (which could not open the vaults sealed under the old one).
+fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
+    if let Ok(text) = std::env::var("MEMORY_SIDECAR_MASTER_KEY") {
+        tracing::info!("master key taken from MEMORY_SIDECAR_MASTER_KEY");
+        return MasterKey::from_hex(&text).context("MEMORY_SIDECAR_MASTER_KEY");
+    }
+    let path = &config.master_key_file;
+    let keyring = config.data_dir.join("keyring");
+    let first_start = !keyring.exists();
+    let text = secret_file(path, "master key", first_start, MasterKey::generate_hex).with_context(
+        || {
+            format!(
+                "the keyring {} exists, so its master key is needed: restore {} or set \
+                 MEMORY_SIDECAR_MASTER_KEY",
+                keyring.display(),
+                path.display()
+            )
+        },
+    )?;
+    MasterKey::from_hex(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// Reads a secret file, or creates it (mode 0600, fsynced) from `generate` when `create` is set
+/// and it does not exist. Warns when the file is readable by others.
+fn secret_file(
+    path: &Path,
+    what: &str,
+    create: bool,
+    generate: fn() -> String,
+) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
         Ok(text) => {
-            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the admin key file is readable by others; chmod 600 it");
+                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the {what} file is readable by others; chmod 600 it");
             }
-            tracing::info!(path = %path.display(), "admin key read from file");
-            AdminKey::new(text.trim()).with_context(|| format!("{}", path.display()))
+            tracing::info!(path = %path.display(), "{what} read from file");
+            Ok(text)
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let text = AdminKey::generate_text();
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let text = generate();
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(path)
                 .with_context(|| format!("creating {}", path.display()))?;
             file.write_all(text.as_bytes())?;
             file.sync_all()?;
-            tracing::info!(path = %path.display(), "generated a new admin key (mode 0600)");
-            AdminKey::new(&text)
+            tracing::info!(path = %path.display(), "generated a new {what} (mode 0600)");
+            Ok(text)
         }
         Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
     }
@@ -94,9 +135,10 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let admin = admin_key(&config.data_dir)?;
+        let master = master_key(&config)?;
         let metrics = Metrics::new()?;
         let listen = config.listen;
-        let app = App::open(config, admin, metrics)?;
+        let app = App::open(config, admin, master, metrics, Arc::new(SystemClock))?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;

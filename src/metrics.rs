@@ -27,6 +27,7 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub commit_batch_size: Histogram,
     pub memories_stored: IntCounterVec,
+    pub operations: IntCounterVec,
     pub vaults: IntGauge,
     pub memories: IntGauge,
     pub replay_remaining: IntGauge,
@@ -128,6 +129,13 @@ impl Metrics {
                 "Requests made durable by one group commit.",
                 counts,
             ))?,
+            operations: IntCounterVec::new(
+                opts(
+                    "lifecycle_operations_total",
+                    "Key and vault operations (mint, rotate, revoke, upload, delete_*, erase_*) by outcome (ok, error).",
+                ),
+                &["operation", "outcome"],
+            )?,
             memories_stored: IntCounterVec::new(
                 opts(
                     "ingest_messages_total",
@@ -168,6 +176,7 @@ impl Metrics {
             Box::new(self.commit_seconds.clone()),
             Box::new(self.commit_batch_size.clone()),
             Box::new(self.memories_stored.clone()),
+            Box::new(self.operations.clone()),
             Box::new(self.vaults.clone()),
             Box::new(self.memories.clone()),
             Box::new(self.replay_remaining.clone()),

@@ -1,11 +1,14 @@
 //! sled: the single source of truth for keys, vaults, memories and their vectors.
 //!
 //! Trees (all keys big-endian so prefix scans follow vault then memory order):
-//! `keys` key id -> [`KeyRecord`]; `vaults` vault -> [`VaultRecord`];
-//! `memories` vault ++ memory id -> [`MemoryRecord`]; `vectors` vault ++ memory id -> 384 f32;
-//! `pending` vault ++ memory id -> () for memories stored but not yet embedded (the replay set);
-//! `dedup` vault ++ digest of a message -> memory id, so a retried exchange is stored once;
-//! `unembeddable` vault ++ memory id -> () for memories the model failed on (kept, not indexed).
+//! `keys` key id -> [`KeyRecord`]; `key_used` key id -> last use (ms, coarse, not durable);
+//! `vaults` vault -> [`VaultRecord`]; `memories` vault ++ memory id -> sealed [`MemoryRecord`];
+//! `vectors` vault ++ memory id -> sealed 384 f32 + [`EntryMeta`]; `pending` vault ++ memory id
+//! -> () for memories stored but not yet embedded (the replay set); `unembeddable` the same for
+//! memories the model failed on (kept, not indexed); `dedup` vault ++ keyed digest of a message
+//! -> memory id, so a retried exchange is stored once; `audit` sequence -> [`AuditEntry`].
+//! Memory text and vectors are sealed with the vault's data key ([`crate::crypto`]); digests
+//! are keyed by it too, so nothing derived from a memory's text is readable once it is gone.
 //! Durability is the [`Committer`]'s job: sled's own flush is not an fsync (FACTS.md).
 
 use std::fmt;
@@ -18,15 +21,18 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::auth::Scope;
+use crate::crypto::{Purpose, VaultCipher};
 use crate::metrics::Metrics;
 
 /// Dimension of the model's sentence vectors.
 pub const DIM: usize = 384;
-const SCHEMA_VERSION: &[u8] = b"1";
+const SCHEMA_VERSION: &[u8] = b"2";
+/// Rows removed per sled batch when a vault or session is erased.
+const ERASE_BATCH: usize = 1024;
 
 /// A vault: one user's private memory space. 128 random bits, shown as `vlt_` + hex.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,6 +78,21 @@ impl fmt::Display for MemoryId {
     }
 }
 
+impl FromStr for MemoryId {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<MemoryId> {
+        let hex_part = s
+            .strip_prefix("mem_")
+            .context("a memory id starts with mem_")?;
+        if hex_part.len() != 16 {
+            bail!("a memory id has 16 hex digits");
+        }
+        let id = u64::from_str_radix(hex_part, 16).context("a memory id has 16 hex digits")?;
+        Ok(MemoryId(id))
+    }
+}
+
+/// A memory key as stored: never the key itself, only a hash of its secret.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub id: String,
@@ -79,14 +100,66 @@ pub struct KeyRecord {
     /// SHA-256 of the key's id and secret; the key itself is never stored.
     pub hash: String,
     pub vault: String,
+    pub scopes: Vec<Scope>,
     pub created_at_ms: i64,
+    /// The lifetime asked for at minting; a rotation gives the new key the same.
+    #[serde(default)]
+    pub expires_days: Option<u32>,
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
     #[serde(default)]
     pub revoked_at_ms: Option<i64>,
+    /// Set when the key was rotated: it keeps working until `auto_revoke_at_ms`.
+    #[serde(default)]
+    pub deprecated_at_ms: Option<i64>,
+    #[serde(default)]
+    pub auto_revoke_at_ms: Option<i64>,
+    /// The key that replaced this one, and the key this one replaced.
+    #[serde(default)]
+    pub rotated_to: Option<String>,
+    #[serde(default)]
+    pub rotated_from: Option<String>,
+}
+
+/// Whether a key may be used at a given moment, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    /// Rotated, and the grace period is over.
+    Rotated,
+    Expired,
+}
+
+impl KeyRecord {
+    pub fn status(&self, now_ms: i64) -> KeyStatus {
+        if self.revoked_at_ms.is_some_and(|at| at <= now_ms) {
+            KeyStatus::Revoked
+        } else if self.auto_revoke_at_ms.is_some_and(|at| at <= now_ms) {
+            KeyStatus::Rotated
+        } else if self.expires_at_ms.is_some_and(|at| at <= now_ms) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+
+    pub fn vault_id(&self) -> anyhow::Result<VaultId> {
+        self.vault
+            .parse()
+            .with_context(|| format!("key {} names a malformed vault", self.id))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VaultRecord {
     pub created_at_ms: i64,
+    /// Set while an erasure is under way; an erasure cut short by a crash is finished at start.
+    #[serde(default)]
+    pub erasing: bool,
+    /// With `erasing`: the vault itself goes too (its keys revoked), not only its contents.
+    #[serde(default)]
+    pub removing: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -98,7 +171,36 @@ pub struct MemoryRecord {
     pub created_at_ms: i64,
     #[serde(default)]
     pub model: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The dedup digest (hex), so that deleting the memory can free it.
+    #[serde(default)]
+    pub digest: String,
 }
+
+impl MemoryRecord {
+    pub fn meta(&self) -> EntryMeta {
+        EntryMeta {
+            created_at_ms: self.created_at_ms,
+            session_id: self.session_id.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+/// What the index keeps beside each vector, so that filters need no record reads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct EntryMeta {
+    #[serde(rename = "t")]
+    pub created_at_ms: i64,
+    #[serde(rename = "s", default)]
+    pub session_id: Option<String>,
+    #[serde(rename = "g", default)]
+    pub tags: Vec<String>,
+}
+
+/// A page of memories, and the id to continue after when there are more.
+pub type MemoryPage = (Vec<(MemoryId, MemoryRecord)>, Option<MemoryId>);
 
 /// A memory to store, with the fields that make it a duplicate of an earlier one.
 pub struct NewMemory {
@@ -107,23 +209,37 @@ pub struct NewMemory {
     pub explicit_timestamp: bool,
 }
 
-/// A memory awaiting its vector.
-pub struct PendingMemory {
-    pub vault: VaultId,
-    pub id: MemoryId,
-    pub content: String,
+/// One line of the audit log: who did what to which key or vault, and how it ended. Never a
+/// secret, never memory text.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at_ms: i64,
+    /// `admin`, or the id of the memory key that acted.
+    pub actor: String,
+    pub action: String,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub vault: Option<String>,
+    /// `ok`, or the error code the operation ended with.
+    pub outcome: String,
+    /// Counts and other non-secret details.
+    #[serde(default)]
+    pub detail: serde_json::Map<String, serde_json::Value>,
 }
 
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
     keys: sled::Tree,
+    key_used: sled::Tree,
     vaults: sled::Tree,
     memories: sled::Tree,
     vectors: sled::Tree,
     pending: sled::Tree,
     unembeddable: sled::Tree,
     dedup: sled::Tree,
+    audit: sled::Tree,
 }
 
 fn memory_key(vault: VaultId, id: MemoryId) -> [u8; 24] {
@@ -144,24 +260,25 @@ fn split_memory_key(key: &[u8]) -> anyhow::Result<(VaultId, MemoryId)> {
     Ok((vault, id))
 }
 
-fn dedup_key(vault: VaultId, memory: &NewMemory) -> [u8; 32] {
+/// The dedup digest of a message: keyed by the vault's data key, so it means nothing without it.
+fn digest(cipher: &VaultCipher, memory: &NewMemory) -> [u8; 16] {
     let record = &memory.record;
-    let mut hasher = Sha256::new();
-    for part in [
-        record.session_id.as_deref().unwrap_or(""),
-        record.role.as_str(),
-        record.content.as_str(),
-    ] {
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    }
-    if memory.explicit_timestamp {
-        hasher.update(record.created_at_ms.to_be_bytes());
-    }
-    let digest = hasher.finalize();
-    let mut key = [0u8; 32];
-    key[..16].copy_from_slice(&vault.0);
-    key[16..].copy_from_slice(&digest[..16]);
+    let timestamp = memory
+        .explicit_timestamp
+        .then(|| record.created_at_ms.to_be_bytes());
+    let full = cipher.digest(&[
+        record.session_id.as_deref().unwrap_or("").as_bytes(),
+        record.role.as_bytes(),
+        record.content.as_bytes(),
+        timestamp.as_ref().map_or(&[][..], |t| &t[..]),
+    ]);
+    full[..16].try_into().expect("32 >= 16")
+}
+
+fn dedup_key(vault: VaultId, digest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16 + digest.len());
+    key.extend_from_slice(&vault.0);
+    key.extend_from_slice(digest);
     key
 }
 
@@ -200,6 +317,14 @@ pub fn check_vector(vector: &[f32]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn transaction_result<T>(result: Result<T, TransactionError<String>>) -> anyhow::Result<T> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(TransactionError::Abort(message)) => bail!("{message}"),
+        Err(TransactionError::Storage(error)) => Err(error.into()),
+    }
+}
+
 impl Store {
     pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -215,7 +340,9 @@ impl Store {
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION => {}
             Some(v) => bail!(
-                "the store in {} has schema {:?}; this build reads schema {:?}",
+                "the store in {} has schema {:?}; this build reads schema {:?} (schema 1 was a \
+                 pre-release without encryption at rest: there is no migration, start from an \
+                 empty data directory and import an export)",
                 dir.display(),
                 String::from_utf8_lossy(&v),
                 String::from_utf8_lossy(SCHEMA_VERSION)
@@ -223,12 +350,14 @@ impl Store {
         }
         Ok(Store {
             keys: db.open_tree("keys")?,
+            key_used: db.open_tree("key_used")?,
             vaults: db.open_tree("vaults")?,
             memories: db.open_tree("memories")?,
             vectors: db.open_tree("vectors")?,
             pending: db.open_tree("pending")?,
             unembeddable: db.open_tree("unembeddable")?,
             dedup: db.open_tree("dedup")?,
+            audit: db.open_tree("audit")?,
             path: dir.to_owned(),
             db,
         })
@@ -247,6 +376,8 @@ impl Store {
             .context("fsync of the store")?;
         Ok(())
     }
+
+    // ---- keys
 
     /// Stores a new key record; `false` if a record with that id already exists (left as is).
     pub fn insert_key(&self, record: &KeyRecord) -> anyhow::Result<bool> {
@@ -268,6 +399,78 @@ impl Store {
         }
     }
 
+    /// Changes a key record atomically (a compare-and-swap loop), so two concurrent changes
+    /// never undo each other. Returns the record as changed, or `None` if there is no such key.
+    pub fn update_key(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut KeyRecord),
+    ) -> anyhow::Result<Option<KeyRecord>> {
+        loop {
+            let Some(current) = self.keys.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record: KeyRecord = serde_json::from_slice(&current)
+                .with_context(|| format!("key record {id} is corrupt"))?;
+            change(&mut record);
+            let swapped = self.keys.compare_and_swap(
+                id.as_bytes(),
+                Some(current),
+                Some(serde_json::to_vec(&record)?),
+            )?;
+            if swapped.is_ok() {
+                return Ok(Some(record));
+            }
+        }
+    }
+
+    /// Every key record, in id order, starting after `after`, at most `limit`.
+    pub fn keys_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&KeyRecord) -> bool,
+    ) -> anyhow::Result<(Vec<KeyRecord>, Option<String>)> {
+        let range = match after {
+            Some(after) => self.keys.range::<&[u8], _>((
+                std::ops::Bound::Excluded(after.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.keys.iter(),
+        };
+        let mut page = Vec::new();
+        for entry in range {
+            let (key, value) = entry?;
+            let record: KeyRecord = serde_json::from_slice(&value).with_context(|| {
+                format!("key record {} is corrupt", String::from_utf8_lossy(&key))
+            })?;
+            if !keep(&record) {
+                continue;
+            }
+            if page.len() == limit {
+                let next = page.last().map(|r: &KeyRecord| r.id.clone());
+                return Ok((page, next));
+            }
+            page.push(record);
+        }
+        Ok((page, None))
+    }
+
+    /// Records a key's use (coarse: callers write at most about once a minute per key).
+    pub fn touch_key(&self, id: &str, at_ms: i64) -> anyhow::Result<()> {
+        self.key_used.insert(id.as_bytes(), &at_ms.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn key_last_used(&self, id: &str) -> anyhow::Result<Option<i64>> {
+        Ok(self
+            .key_used
+            .get(id.as_bytes())?
+            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
+    }
+
+    // ---- vaults
+
     pub fn create_vault(&self, vault: VaultId, record: &VaultRecord) -> anyhow::Result<()> {
         let previous = self.vaults.compare_and_swap(
             vault.0,
@@ -278,6 +481,44 @@ impl Store {
             bail!("vault {vault} already exists");
         }
         Ok(())
+    }
+
+    pub fn vault(&self, vault: VaultId) -> anyhow::Result<Option<VaultRecord>> {
+        match self.vaults.get(vault.0)? {
+            None => Ok(None),
+            Some(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                    format!("vault record {vault} is corrupt")
+                })?))
+            }
+        }
+    }
+
+    pub fn set_vault(&self, vault: VaultId, record: &VaultRecord) -> anyhow::Result<()> {
+        self.vaults.insert(vault.0, serde_json::to_vec(record)?)?;
+        Ok(())
+    }
+
+    pub fn remove_vault(&self, vault: VaultId) -> anyhow::Result<()> {
+        self.vaults.remove(vault.0)?;
+        Ok(())
+    }
+
+    /// Every vault and its record.
+    pub fn vaults(&self) -> anyhow::Result<Vec<(VaultId, VaultRecord)>> {
+        let mut out = Vec::new();
+        for entry in self.vaults.iter() {
+            let (key, value) = entry?;
+            let vault = VaultId(
+                key.as_ref()
+                    .try_into()
+                    .context("a vault key is not 16 bytes")?,
+            );
+            let record = serde_json::from_slice(&value)
+                .with_context(|| format!("vault record {vault} is corrupt"))?;
+            out.push((vault, record));
+        }
+        Ok(out)
     }
 
     pub fn vault_count(&self) -> usize {
@@ -292,26 +533,73 @@ impl Store {
         self.pending.len()
     }
 
+    /// How many of one vault's memories wait for their vector.
+    pub fn vault_pending_count(&self, vault: VaultId) -> usize {
+        self.pending.scan_prefix(vault.0).keys().count()
+    }
+
+    /// How many memories one vault holds (a key-range count, nothing decrypted).
+    pub fn vault_memory_count(&self, vault: VaultId) -> usize {
+        self.memories.scan_prefix(vault.0).keys().count()
+    }
+
+    /// Deletes every row of a vault's memories, vectors, marks and digests, in batches.
+    /// Returns how many memories there were. Not yet durable: see [`Committer`].
+    pub fn erase_vault_rows(&self, vault: VaultId) -> anyhow::Result<usize> {
+        let mut memories = 0;
+        for (tree, is_memories) in [
+            (&self.memories, true),
+            (&self.vectors, false),
+            (&self.pending, false),
+            (&self.unembeddable, false),
+            (&self.dedup, false),
+        ] {
+            loop {
+                let keys: Vec<sled::IVec> = tree
+                    .scan_prefix(vault.0)
+                    .keys()
+                    .take(ERASE_BATCH)
+                    .collect::<Result<_, _>>()?;
+                if keys.is_empty() {
+                    break;
+                }
+                if is_memories {
+                    memories += keys.len();
+                }
+                let mut batch = sled::Batch::default();
+                for key in keys {
+                    batch.remove(key);
+                }
+                tree.apply_batch(batch)?;
+            }
+        }
+        Ok(memories)
+    }
+
+    // ---- memories
+
     /// Stores a batch of messages atomically. Returns each message's id and whether it is new
     /// (an identical message stored before keeps its first id). Not yet durable: see [`Committer`].
     pub fn insert_memories(
         &self,
         vault: VaultId,
+        cipher: &VaultCipher,
         memories: &[NewMemory],
     ) -> anyhow::Result<Vec<(MemoryId, bool)>> {
         let mut prepared = Vec::with_capacity(memories.len());
         for memory in memories {
             let id = MemoryId(self.db.generate_id()?);
-            prepared.push((
-                id,
-                dedup_key(vault, memory),
-                serde_json::to_vec(&memory.record)?,
-            ));
+            let digest = digest(cipher, memory);
+            let mut record = memory.record.clone();
+            record.digest = hex::encode(digest);
+            let key = memory_key(vault, id);
+            let sealed = cipher.seal(Purpose::Memory, &key, &serde_json::to_vec(&record)?);
+            prepared.push((id, dedup_key(vault, &digest), sealed));
         }
         let result = (&self.memories, &self.pending, &self.dedup).transaction(
             |(memories, pending, dedup)| {
                 let mut outcome = Vec::with_capacity(prepared.len());
-                for (id, digest, record) in &prepared {
+                for (id, digest, sealed) in &prepared {
                     if let Some(existing) = dedup.get(digest)? {
                         let existing =
                             u64::from_be_bytes(existing.as_ref().try_into().map_err(|_| {
@@ -323,50 +611,127 @@ impl Store {
                         continue;
                     }
                     let key = memory_key(vault, *id);
-                    memories.insert(&key, record.as_slice())?;
+                    memories.insert(&key, sealed.as_slice())?;
                     pending.insert(&key, &[])?;
-                    dedup.insert(digest, &id.0.to_be_bytes())?;
+                    dedup.insert(digest.as_slice(), &id.0.to_be_bytes())?;
                     outcome.push((*id, true));
                 }
                 Ok(outcome)
             },
         );
-        match result {
-            Ok(outcome) => Ok(outcome),
-            Err(TransactionError::Abort(message)) => bail!("{message}"),
-            Err(TransactionError::Storage(error)) => Err(error.into()),
-        }
+        transaction_result(result)
     }
 
-    pub fn memory(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<Option<MemoryRecord>> {
-        match self.memories.get(memory_key(vault, id))? {
+    pub fn memory(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        id: MemoryId,
+    ) -> anyhow::Result<Option<MemoryRecord>> {
+        let key = memory_key(vault, id);
+        match self.memories.get(key)? {
             None => Ok(None),
-            Some(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("memory {id} is corrupt"))?,
-            )),
+            Some(sealed) => Ok(Some(open_record(cipher, &key, &sealed)?)),
         }
     }
 
-    /// Up to `limit` memories that are stored but have no vector yet, in store order.
-    pub fn pending_batch(&self, limit: usize) -> anyhow::Result<Vec<PendingMemory>> {
-        let mut batch = Vec::new();
-        for entry in self.pending.iter().take(limit) {
-            let (key, _) = entry?;
-            let (vault, id) = split_memory_key(&key)?;
-            match self.memory(vault, id)? {
-                Some(record) => batch.push(PendingMemory {
-                    vault,
-                    id,
-                    content: record.content,
-                }),
-                // The memory is gone (a later delete); so is the need to embed it.
-                None => {
-                    self.pending.remove(&key)?;
-                }
+    pub fn contains_memory(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool> {
+        Ok(self.memories.contains_key(memory_key(vault, id))?)
+    }
+
+    /// A vault's memories in id (that is, storage) order, after `after`, that `keep` accepts:
+    /// at most `limit`, and the cursor to continue from when there are more.
+    pub fn memories_page(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        after: Option<MemoryId>,
+        limit: usize,
+        mut keep: impl FnMut(&MemoryRecord) -> bool,
+    ) -> anyhow::Result<MemoryPage> {
+        let start = match after {
+            Some(id) => memory_key(vault, MemoryId(id.0.saturating_add(1))),
+            None => memory_key(vault, MemoryId(0)),
+        };
+        let end = memory_key(vault, MemoryId(u64::MAX));
+        let mut page = Vec::new();
+        if after.is_some_and(|id| id.0 == u64::MAX) {
+            return Ok((page, None));
+        }
+        for entry in self.memories.range(start..=end) {
+            let (key, sealed) = entry?;
+            let (_, id) = split_memory_key(&key)?;
+            let record = open_record(cipher, &key, &sealed)?;
+            if !keep(&record) {
+                continue;
+            }
+            if page.len() == limit {
+                let next = page.last().map(|(id, _): &(MemoryId, MemoryRecord)| *id);
+                return Ok((page, next));
+            }
+            page.push((id, record));
+        }
+        Ok((page, None))
+    }
+
+    /// Deletes memories of one vault, with their vectors, marks and digests, atomically.
+    /// Returns the ids that existed. Not yet durable: see [`Committer`].
+    pub fn delete_memories(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        ids: &[MemoryId],
+    ) -> anyhow::Result<Vec<MemoryId>> {
+        let mut found = Vec::new();
+        for id in ids {
+            if let Some(record) = self.memory(vault, cipher, *id)? {
+                let digest = hex::decode(&record.digest).unwrap_or_default();
+                found.push((*id, dedup_key(vault, &digest)));
             }
         }
+        for chunk in found.chunks(ERASE_BATCH) {
+            let result = (
+                &self.memories,
+                &self.vectors,
+                &self.pending,
+                &self.unembeddable,
+                &self.dedup,
+            )
+                .transaction(|(memories, vectors, pending, unembeddable, dedup)| {
+                    for (id, digest) in chunk {
+                        let key = memory_key(vault, *id);
+                        memories.remove(&key)?;
+                        vectors.remove(&key)?;
+                        pending.remove(&key)?;
+                        unembeddable.remove(&key)?;
+                        // Only if it still points at this memory.
+                        if dedup
+                            .get(digest.as_slice())?
+                            .is_some_and(|v| v.as_ref() == id.0.to_be_bytes())
+                        {
+                            dedup.remove(digest.as_slice())?;
+                        }
+                    }
+                    Ok(())
+                });
+            transaction_result(result)?;
+        }
+        Ok(found.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Up to `limit` memories stored but not yet embedded, in store order (ids only).
+    pub fn pending_batch(&self, limit: usize) -> anyhow::Result<Vec<(VaultId, MemoryId)>> {
+        let mut batch = Vec::new();
+        for entry in self.pending.iter().keys().take(limit) {
+            batch.push(split_memory_key(&entry?)?);
+        }
         Ok(batch)
+    }
+
+    /// Drops a pending mark whose memory is gone.
+    pub fn clear_pending(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<()> {
+        self.pending.remove(memory_key(vault, id))?;
+        Ok(())
     }
 
     /// Takes a memory that cannot be embedded out of the pending set, into `unembeddable`, so
@@ -378,14 +743,21 @@ impl Store {
         Ok(())
     }
 
-    /// Stores vectors, then clears their pending marks. In that order, a crash in between only
-    /// means the memory is embedded again at start-up.
-    pub fn insert_vectors(&self, items: &[(VaultId, MemoryId, Vec<f32>)]) -> anyhow::Result<()> {
+    /// Stores a vault's vectors (with the metadata the index filters on), then clears their
+    /// pending marks. In that order, a crash in between only means the memory is embedded again.
+    pub fn insert_vectors(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        items: &[(MemoryId, Vec<f32>, EntryMeta)],
+    ) -> anyhow::Result<()> {
         let mut vectors = sled::Batch::default();
         let mut pending = sled::Batch::default();
-        for (vault, id, vector) in items {
-            let key = memory_key(*vault, *id);
-            vectors.insert(&key, encode_vector(vector)?);
+        for (id, vector, meta) in items {
+            let key = memory_key(vault, *id);
+            let mut plain = encode_vector(vector)?;
+            plain.extend_from_slice(&serde_json::to_vec(meta)?);
+            vectors.insert(&key, cipher.seal(Purpose::Vector, &key, &plain));
             pending.remove(&key);
         }
         self.vectors.apply_batch(vectors)?;
@@ -394,16 +766,68 @@ impl Store {
     }
 
     /// Every vector of one vault, in memory-id order. Only this vault's key range is read.
-    pub fn vault_vectors(&self, vault: VaultId) -> anyhow::Result<Vec<(MemoryId, Vec<f32>)>> {
+    pub fn vault_vectors(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+    ) -> anyhow::Result<Vec<(MemoryId, Vec<f32>, EntryMeta)>> {
         let mut out = Vec::new();
         for entry in self.vectors.scan_prefix(vault.0) {
-            let (key, value) = entry?;
+            let (key, sealed) = entry?;
             let (_, id) = split_memory_key(&key)?;
-            let vector = decode_vector(&value).with_context(|| format!("vector of {id}"))?;
-            out.push((id, vector));
+            let plain = cipher
+                .open(Purpose::Vector, &key, &sealed)
+                .with_context(|| format!("vector of {id}"))?;
+            if plain.len() < DIM * 4 {
+                bail!("vector of {id} is truncated");
+            }
+            let vector =
+                decode_vector(&plain[..DIM * 4]).with_context(|| format!("vector of {id}"))?;
+            let meta = serde_json::from_slice(&plain[DIM * 4..])
+                .with_context(|| format!("index metadata of {id} is corrupt"))?;
+            out.push((id, vector, meta));
         }
         Ok(out)
     }
+
+    // ---- audit
+
+    /// Appends an audit entry. Not yet durable: it is made so by the operation's own commit.
+    pub fn append_audit(&self, entry: &AuditEntry) -> anyhow::Result<()> {
+        let seq = self.db.generate_id()?;
+        self.audit
+            .insert(seq.to_be_bytes(), serde_json::to_vec(entry)?)?;
+        Ok(())
+    }
+
+    /// Audit entries after the cursor, oldest first.
+    pub fn audit_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> anyhow::Result<(Vec<AuditEntry>, Option<u64>)> {
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut page = Vec::new();
+        let mut last = None;
+        for entry in self.audit.range(start.to_be_bytes()..) {
+            let (key, value) = entry?;
+            if page.len() == limit {
+                return Ok((page, last));
+            }
+            let seq = u64::from_be_bytes(key.as_ref().try_into().context("audit key")?);
+            page.push(serde_json::from_slice(&value).context("an audit entry is corrupt")?);
+            last = Some(seq);
+        }
+        Ok((page, None))
+    }
+}
+
+fn open_record(cipher: &VaultCipher, key: &[u8], sealed: &[u8]) -> anyhow::Result<MemoryRecord> {
+    let (_, id) = split_memory_key(key)?;
+    let plain = cipher
+        .open(Purpose::Memory, key, sealed)
+        .with_context(|| format!("memory {id}"))?;
+    serde_json::from_slice(&plain).with_context(|| format!("memory {id} is corrupt"))
 }
 
 fn data_file(dir: &Path) -> anyhow::Result<File> {
@@ -507,9 +931,21 @@ mod tests {
                 session_id: None,
                 created_at_ms: 1,
                 model: None,
+                tags: Vec::new(),
+                digest: String::new(),
             },
             explicit_timestamp: false,
         }
+    }
+
+    fn cipher(seed: u8) -> VaultCipher {
+        VaultCipher::new(&[seed; 32])
+    }
+
+    fn open_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        (dir, store)
     }
 
     #[test]
@@ -523,64 +959,202 @@ mod tests {
 
     #[test]
     fn identical_messages_are_stored_once_per_vault() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (_dir, store) = open_store();
         let (a, b) = (VaultId::generate(), VaultId::generate());
+        let (ca, cb) = (cipher(1), cipher(2));
         let first = store
-            .insert_memories(a, &[message("hello"), message("world")])
+            .insert_memories(a, &ca, &[message("hello"), message("world")])
             .unwrap();
         assert!(first.iter().all(|(_, new)| *new));
-        let again = store.insert_memories(a, &[message("hello")]).unwrap();
+        let again = store.insert_memories(a, &ca, &[message("hello")]).unwrap();
         assert_eq!(again, vec![(first[0].0, false)]);
-        let other = store.insert_memories(b, &[message("hello")]).unwrap();
+        let other = store.insert_memories(b, &cb, &[message("hello")]).unwrap();
         assert!(
             other[0].1,
             "another vault's identical message is its own memory"
         );
         assert_eq!(store.pending_count(), 3);
+        assert_eq!(store.vault_memory_count(a), 2);
+    }
+
+    #[test]
+    fn records_open_only_with_their_vaults_key() {
+        let (_dir, store) = open_store();
+        let vault = VaultId::generate();
+        let ids = store
+            .insert_memories(vault, &cipher(1), &[message("private")])
+            .unwrap();
+        let record = store.memory(vault, &cipher(1), ids[0].0).unwrap().unwrap();
+        assert_eq!(record.content, "private");
+        assert!(store.memory(vault, &cipher(9), ids[0].0).is_err());
     }
 
     #[test]
     fn vectors_clear_pending_and_stay_in_their_vault() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (_dir, store) = open_store();
         let (a, b) = (VaultId::generate(), VaultId::generate());
-        let ids = store.insert_memories(a, &[message("x")]).unwrap();
-        store.insert_memories(b, &[message("y")]).unwrap();
-        let pending = store.pending_batch(10).unwrap();
-        assert_eq!(pending.len(), 2);
+        let ids = store
+            .insert_memories(a, &cipher(1), &[message("x")])
+            .unwrap();
         store
-            .insert_vectors(&[(a, ids[0].0, unit_vector(1))])
+            .insert_memories(b, &cipher(2), &[message("y")])
+            .unwrap();
+        assert_eq!(store.pending_batch(10).unwrap().len(), 2);
+        let meta = EntryMeta {
+            created_at_ms: 5,
+            session_id: Some("s".into()),
+            tags: vec!["t".into()],
+        };
+        store
+            .insert_vectors(a, &cipher(1), &[(ids[0].0, unit_vector(1), meta.clone())])
             .unwrap();
         assert_eq!(store.pending_count(), 1);
-        assert_eq!(store.vault_vectors(a).unwrap().len(), 1);
-        assert!(store.vault_vectors(b).unwrap().is_empty());
+        let vectors = store.vault_vectors(a, &cipher(1)).unwrap();
+        assert_eq!(vectors.len(), 1);
+        assert_eq!(vectors[0].2, meta);
+        assert!(store.vault_vectors(b, &cipher(2)).unwrap().is_empty());
     }
 
     #[test]
-    fn a_key_id_is_never_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let record = |name: &str| KeyRecord {
-            id: "00112233aabbccdd".into(),
-            name: name.into(),
-            hash: "h".into(),
-            vault: VaultId::generate().to_string(),
-            created_at_ms: 1,
-            revoked_at_ms: None,
-        };
-        assert!(store.insert_key(&record("first")).unwrap());
-        assert!(!store.insert_key(&record("second")).unwrap());
-        assert_eq!(
-            store.key("00112233aabbccdd").unwrap().unwrap().name,
-            "first"
+    fn a_deleted_memory_frees_its_digest_and_leaves_the_rest() {
+        let (_dir, store) = open_store();
+        let vault = VaultId::generate();
+        let key = cipher(1);
+        let ids = store
+            .insert_memories(vault, &key, &[message("gone"), message("kept")])
+            .unwrap();
+        let deleted = store
+            .delete_memories(vault, &key, &[ids[0].0, MemoryId(12345)])
+            .unwrap();
+        assert_eq!(deleted, vec![ids[0].0]);
+        assert!(store.memory(vault, &key, ids[0].0).unwrap().is_none());
+        assert_eq!(store.pending_count(), 1);
+        let again = store
+            .insert_memories(vault, &key, &[message("gone")])
+            .unwrap();
+        assert!(
+            again[0].1,
+            "the same text may be stored again after a delete"
         );
     }
 
     #[test]
-    fn vault_ids_round_trip_through_text() {
+    fn erasing_a_vault_leaves_the_others() {
+        let (_dir, store) = open_store();
+        let (a, b) = (VaultId::generate(), VaultId::generate());
+        let many: Vec<NewMemory> = (0..2500).map(|i| message(&format!("m{i}"))).collect();
+        store.insert_memories(a, &cipher(1), &many).unwrap();
+        store
+            .insert_memories(b, &cipher(2), &[message("b")])
+            .unwrap();
+        assert_eq!(store.erase_vault_rows(a).unwrap(), 2500);
+        assert_eq!(store.vault_memory_count(a), 0);
+        assert_eq!(store.vault_memory_count(b), 1);
+        assert_eq!(store.pending_count(), 1);
+    }
+
+    #[test]
+    fn pages_follow_storage_order_and_filters() {
+        let (_dir, store) = open_store();
+        let vault = VaultId::generate();
+        let key = cipher(1);
+        let many: Vec<NewMemory> = (0..25).map(|i| message(&format!("m{i}"))).collect();
+        store.insert_memories(vault, &key, &many).unwrap();
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = store
+                .memories_page(vault, &key, cursor, 10, |r| r.content != "m3")
+                .unwrap();
+            seen.extend(page.into_iter().map(|(_, r)| r.content));
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let expected: Vec<String> = (0..25)
+            .filter(|i| *i != 3)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    fn key_record(name: &str) -> KeyRecord {
+        KeyRecord {
+            id: "00112233aabbccdd".into(),
+            name: name.into(),
+            hash: "h".into(),
+            vault: VaultId::generate().to_string(),
+            scopes: vec![Scope::Read],
+            created_at_ms: 1,
+            expires_days: None,
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            deprecated_at_ms: None,
+            auto_revoke_at_ms: None,
+            rotated_to: None,
+            rotated_from: None,
+        }
+    }
+
+    #[test]
+    fn a_key_id_is_never_overwritten_and_updates_are_atomic() {
+        let (_dir, store) = open_store();
+        assert!(store.insert_key(&key_record("first")).unwrap());
+        assert!(!store.insert_key(&key_record("second")).unwrap());
+        let id = "00112233aabbccdd";
+        assert_eq!(store.key(id).unwrap().unwrap().name, "first");
+        let updated = store
+            .update_key(id, |r| r.revoked_at_ms = Some(7))
+            .unwrap()
+            .unwrap();
+        assert_eq!(updated.status(6), KeyStatus::Active);
+        assert_eq!(updated.status(7), KeyStatus::Revoked);
+        assert!(store.update_key("nope", |_| {}).unwrap().is_none());
+    }
+
+    #[test]
+    fn key_status_follows_the_clock() {
+        let mut record = key_record("k");
+        record.expires_at_ms = Some(100);
+        record.auto_revoke_at_ms = Some(50);
+        assert_eq!(record.status(10), KeyStatus::Active);
+        assert_eq!(record.status(50), KeyStatus::Rotated);
+        record.auto_revoke_at_ms = None;
+        assert_eq!(record.status(100), KeyStatus::Expired);
+    }
+
+    #[test]
+    fn ids_round_trip_through_text() {
         let vault = VaultId::generate();
         assert_eq!(vault.to_string().parse::<VaultId>().unwrap(), vault);
         assert!("vlt_zz".parse::<VaultId>().is_err());
+        let id = MemoryId(0xabc);
+        assert_eq!(id.to_string().parse::<MemoryId>().unwrap(), id);
+        assert!("mem_1".parse::<MemoryId>().is_err());
+        assert!("mem_zzzzzzzzzzzzzzzz".parse::<MemoryId>().is_err());
+    }
+
+    #[test]
+    fn the_audit_log_pages_oldest_first() {
+        let (_dir, store) = open_store();
+        for i in 0..5 {
+            store
+                .append_audit(&AuditEntry {
+                    at_ms: i,
+                    actor: "admin".into(),
+                    action: "mint".into(),
+                    key_id: None,
+                    vault: None,
+                    outcome: "ok".into(),
+                    detail: Default::default(),
+                })
+                .unwrap();
+        }
+        let (first, next) = store.audit_page(None, 3).unwrap();
+        assert_eq!(first.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [0, 1, 2]);
+        let (rest, end) = store.audit_page(next, 3).unwrap();
+        assert_eq!(rest.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [3, 4]);
+        assert!(end.is_none());
     }
 }

@@ -372,6 +372,17 @@ fn every_error_has_its_status_and_code() {
     check(
         daemon.post_json("/v1/keys", Some(&key), None, &json!({"name": "x"})),
         403,
+        "admin_scope_required",
+    );
+    let bearer = format!("Bearer {key}");
+    check(
+        daemon.request(
+            "GET",
+            "/v1/audit",
+            &[("Authorization", bearer.as_str())],
+            b"",
+        ),
+        403,
         "admin_key_required",
     );
     check(

@@ -26,8 +26,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::app::keys::KeyQuery;
+use crate::app::vault::MAX_UPLOAD_LINES;
 use crate::app::{App, MAX_LABEL_CHARS};
-use crate::auth::{MemoryAccess, MAX_CREDENTIAL_LEN};
+use crate::auth::{Access, MemoryAccess, MAX_CREDENTIAL_LEN};
 use crate::error::ApiError;
 
 /// Largest buffer hyper may hold for one connection's request head.
@@ -40,21 +42,44 @@ enum Route {
     Readyz,
     Metrics,
     Keys,
+    Key,
+    KeyRotate,
     Prepare,
     Ingest,
+    Search,
+    Upload,
+    Stats,
+    Memory,
+    MemoryItem,
+    Vault,
+    Audit,
     Unknown,
 }
 
+/// Longest path parameter (a key, memory or vault id) looked at.
+const MAX_PARAM_CHARS: usize = 100;
+
 impl Route {
-    fn of(path: &str) -> Route {
-        match path {
-            "/healthz" => Route::Healthz,
-            "/readyz" => Route::Readyz,
-            "/metrics" => Route::Metrics,
-            "/v1/keys" => Route::Keys,
-            "/v1/memory/prepare" => Route::Prepare,
-            "/v1/memory/ingest" => Route::Ingest,
-            _ => Route::Unknown,
+    /// The route of a path, and its parameter (`{id}`) if it has one.
+    fn of(path: &str) -> (Route, Option<&str>) {
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        match segments.as_slice() {
+            ["healthz"] => (Route::Healthz, None),
+            ["readyz"] => (Route::Readyz, None),
+            ["metrics"] => (Route::Metrics, None),
+            ["v1", "keys"] => (Route::Keys, None),
+            ["v1", "keys", id] => (Route::Key, Some(id)),
+            ["v1", "keys", id, "rotate"] => (Route::KeyRotate, Some(id)),
+            ["v1", "memory"] => (Route::Memory, None),
+            ["v1", "memory", "prepare"] => (Route::Prepare, None),
+            ["v1", "memory", "ingest"] => (Route::Ingest, None),
+            ["v1", "memory", "search"] => (Route::Search, None),
+            ["v1", "memory", "upload"] => (Route::Upload, None),
+            ["v1", "memory", "stats"] => (Route::Stats, None),
+            ["v1", "memory", id] => (Route::MemoryItem, Some(id)),
+            ["v1", "vaults", id] => (Route::Vault, Some(id)),
+            ["v1", "audit"] => (Route::Audit, None),
+            _ => (Route::Unknown, None),
         }
     }
 
@@ -64,18 +89,42 @@ impl Route {
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Keys => "keys",
+            Route::Key => "key",
+            Route::KeyRotate => "key_rotate",
             Route::Prepare => "prepare",
             Route::Ingest => "ingest",
+            Route::Search => "search",
+            Route::Upload => "upload",
+            Route::Stats => "stats",
+            Route::Memory => "memory",
+            Route::MemoryItem => "memory_item",
+            Route::Vault => "vault",
+            Route::Audit => "audit",
             Route::Unknown => "unknown",
         }
     }
 
+    /// The methods a route answers, as the `Allow` header lists them.
     fn allowed(self) -> &'static str {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics => "GET",
-            Route::Keys | Route::Prepare | Route::Ingest => "POST",
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Stats | Route::Audit => "GET",
+            Route::Keys => "GET, POST",
+            Route::Key => "GET, DELETE",
+            Route::KeyRotate | Route::Prepare | Route::Ingest | Route::Search | Route::Upload => {
+                "POST"
+            }
+            Route::Memory | Route::MemoryItem | Route::Vault => "DELETE",
             Route::Unknown => "",
         }
+    }
+
+    fn allows(self, method: &Method) -> bool {
+        let method = if method == Method::HEAD {
+            "GET"
+        } else {
+            method.as_str()
+        };
+        self.allowed().split(", ").any(|m| m == method)
     }
 }
 
@@ -154,7 +203,7 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let route = Route::of(request.uri().path());
+    let (route, _) = Route::of(request.uri().path());
     // Decremented on drop: hyper drops this future when a client hangs up mid-request.
     let _in_flight = InFlight::enter(&app.metrics.http_in_flight);
     let timeout = app.config().limits.request_timeout;
@@ -216,17 +265,10 @@ async fn dispatch(
             request.uri().path().chars().take(200).collect(),
         ));
     }
-    let expected = if route.allowed() == "GET" {
-        Method::GET
-    } else {
-        Method::POST
-    };
-    if request.method() != expected
-        && !(expected == Method::GET && request.method() == Method::HEAD)
-    {
+    if !route.allows(request.method()) {
         return Err(ApiError::MethodNotAllowed {
             method: request.method().to_string(),
-            path: request.uri().path().to_owned(),
+            path: request.uri().path().chars().take(200).collect(),
             allowed: route.allowed(),
         });
     }
@@ -248,7 +290,7 @@ async fn dispatch(
             );
             return Ok(response);
         }
-        Route::Keys | Route::Prepare | Route::Ingest | Route::Unknown => {}
+        _ => {}
     }
 
     app.check_serving()?;
@@ -256,25 +298,67 @@ async fn dispatch(
         .try_acquire()
         .map_err(|_| ApiError::Overloaded("requests in flight"))?;
     let credential = credential(request.headers())?;
+    let credential = credential.as_deref();
+    let param: Option<String> = Route::of(request.uri().path())
+        .1
+        .map(|p| p.chars().take(MAX_PARAM_CHARS).collect());
+    let param = param.as_deref().unwrap_or("");
+    let method = request.method().clone();
+    let query = QueryParams::parse(request.uri().query())?;
 
-    match route {
-        Route::Keys => {
-            let admin = app.admin_access(credential.as_deref())?;
+    match (route, method) {
+        (Route::Keys, Method::POST) => {
+            query.only(&[])?;
+            let manager = app.key_manager(credential)?;
             let body = read_json_body(app, request).await?;
-            let wire: wire::WireMintKey = wire::parse(&body)?;
-            let minted = app.mint_key(&admin, wire.name()).await?;
+            let mint = wire::parse::<wire::WireMintKey>(&body)?.into_request()?;
+            let minted = app.mint_key(&manager, mint).await?;
             Ok(json(StatusCode::CREATED, &wire::WireMinted::from(minted)))
         }
-        Route::Prepare => {
-            let (access, session) = memory_caller(app, credential.as_deref(), request.headers())?;
+        (Route::Keys, _) => {
+            query.only(&["include_revoked", "vault_id", "limit", "cursor"])?;
+            let manager = app.key_manager(credential)?;
+            let list = KeyQuery {
+                include_revoked: query.boolean("include_revoked")?.unwrap_or(false),
+                vault: query.get("vault_id").map(wire::vault_id).transpose()?,
+                cursor: query.get("cursor").map(str::to_owned),
+                limit: query.number("limit")?.unwrap_or(100),
+            };
+            let (keys, next) = app.list_keys(&manager, list)?;
+            Ok(json(StatusCode::OK, &wire::WireKeyList::new(keys, next)))
+        }
+        (Route::Key, Method::DELETE) => {
+            query.only(&[])?;
+            let manager = app.key_manager(credential)?;
+            app.revoke_key(&manager, param).await?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        (Route::Key, _) => {
+            query.only(&[])?;
+            let manager = app.key_manager(credential)?;
+            let info = app.key_info(&manager, param)?;
+            Ok(json(StatusCode::OK, &wire::WireKeyInfo::from(info)))
+        }
+        (Route::KeyRotate, _) => {
+            query.only(&[])?;
+            let manager = app.key_manager(credential)?;
+            let body = read_optional_json_body(app, request).await?;
+            let grace_days = wire::parse::<wire::WireRotate>(&body)?.grace_days()?;
+            let minted = app.rotate_key(&manager, param, grace_days).await?;
+            Ok(json(StatusCode::CREATED, &wire::WireMinted::from(minted)))
+        }
+        (Route::Prepare, _) => {
+            query.only(&[])?;
+            let (access, session) = memory_caller(app, credential, request.headers())?;
             let body = read_json_body(app, request).await?;
             let max_messages = app.config().limits.max_messages;
             let prepare = wire::parse::<wire::WirePrepare>(&body)?.into_request(max_messages)?;
             let result = app.prepare(&access, session.as_deref(), prepare).await?;
             Ok(json(StatusCode::OK, &wire::WirePrepared::from(&result)))
         }
-        Route::Ingest => {
-            let (access, session) = memory_caller(app, credential.as_deref(), request.headers())?;
+        (Route::Ingest, _) => {
+            query.only(&[])?;
+            let (access, session) = memory_caller(app, credential, request.headers())?;
             let body = read_json_body(app, request).await?;
             let max_messages = app.config().limits.max_messages;
             let ingest = wire::parse::<wire::WireIngest>(&body)?.into_request(max_messages)?;
@@ -285,8 +369,158 @@ async fn dispatch(
                 &serde_json::json!({"stored": result.stored, "ids": ids}),
             ))
         }
-        Route::Healthz | Route::Readyz | Route::Metrics | Route::Unknown => {
+        (Route::Search, _) => {
+            query.only(&[])?;
+            let access = app.memory_access(credential)?;
+            let body = read_json_body(app, request).await?;
+            let search = wire::parse::<wire::WireSearch>(&body)?.into_request()?;
+            let result = app.search(&access, search).await?;
+            Ok(json(StatusCode::OK, &wire::WireSearchResult::from(&result)))
+        }
+        (Route::Upload, _) => {
+            query.only(&[])?;
+            let access = app.memory_access(credential)?;
+            let max_bytes = app.config().limits.max_upload_bytes;
+            let body = read_body(app, request, JSONL_TYPES, max_bytes).await?;
+            let lines = wire::upload_lines(&body, MAX_UPLOAD_LINES)?;
+            let result = app.upload(&access, lines).await?;
+            Ok(json(StatusCode::OK, &wire::upload_result(&result)))
+        }
+        (Route::Stats, _) => {
+            query.only(&[])?;
+            let access = app.memory_access(credential)?;
+            let stats = app.stats(&access).await?;
+            Ok(json(StatusCode::OK, &wire::stats(&stats)))
+        }
+        (Route::Memory, _) => {
+            query.only(&[])?;
+            let (access, session) = memory_caller(app, credential, request.headers())?;
+            match session {
+                Some(session) => {
+                    let deleted = app.delete_session(&access, &session).await?;
+                    Ok(json(
+                        StatusCode::OK,
+                        &serde_json::json!({"deleted": deleted, "session_id": session}),
+                    ))
+                }
+                None => {
+                    let vault = access.vault;
+                    let deleted = app
+                        .erase_vault(&Access::Memory(access), vault, false)
+                        .await?;
+                    Ok(json(
+                        StatusCode::OK,
+                        &serde_json::json!({"deleted": deleted}),
+                    ))
+                }
+            }
+        }
+        (Route::MemoryItem, _) => {
+            query.only(&[])?;
+            let access = app.memory_access(credential)?;
+            app.delete_memory(&access, param).await?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        (Route::Vault, _) => {
+            query.only(&[])?;
+            let admin = app.admin_access(credential)?;
+            let vault = param
+                .parse()
+                .map_err(|_| ApiError::VaultNotFound(param.to_owned()))?;
+            let deleted = app.erase_vault(&admin, vault, true).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"deleted": deleted}),
+            ))
+        }
+        (Route::Audit, _) => {
+            query.only(&["limit", "cursor"])?;
+            let admin = app.admin_access(credential)?;
+            let cursor = match query.get("cursor") {
+                None => None,
+                Some(text) => Some(text.parse::<u64>().map_err(|_| {
+                    ApiError::invalid("`cursor` must be a `next_cursor` this API returned")
+                })?),
+            };
+            let limit = query.number("limit")?.unwrap_or(100);
+            let (entries, next) = app.audit_log(&admin, cursor, limit)?;
+            Ok(json(StatusCode::OK, &wire::audit_page(&entries, next)))
+        }
+        (Route::Healthz | Route::Readyz | Route::Metrics | Route::Unknown, _) => {
             unreachable!("answered above")
+        }
+    }
+}
+
+/// Media types an upload may declare: JSON Lines by any of its common names.
+const JSONL_TYPES: &[&str] = &[
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/json-lines",
+];
+
+/// A URL's query parameters, checked against the names a route knows.
+struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    fn parse(query: Option<&str>) -> Result<QueryParams, ApiError> {
+        let mut params = Vec::new();
+        for pair in query
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .take(20)
+        {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            params.push((name.to_owned(), value.to_owned()));
+        }
+        Ok(QueryParams(params))
+    }
+
+    /// Refuses parameters the route does not know (a typo should not be silently ignored).
+    fn only(&self, known: &[&str]) -> Result<(), ApiError> {
+        match self
+            .0
+            .iter()
+            .find(|(name, _)| !known.contains(&name.as_str()))
+        {
+            None => Ok(()),
+            Some((name, _)) => Err(ApiError::invalid(format!(
+                "unknown query parameter {:?}; this route takes {}",
+                name.chars().take(40).collect::<String>(),
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(_) => Err(ApiError::invalid(format!("`{name}` must be true or false"))),
+        }
+    }
+
+    fn number(&self, name: &str) -> Result<Option<usize>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(text) => text
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::invalid(format!("`{name}` must be a positive integer"))),
         }
     }
 }
@@ -342,10 +576,36 @@ fn session_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(text.to_owned()))
 }
 
-/// Reads a JSON body within the byte limit. Checked in order: media type, declared length,
-/// actual length; then, since reading may have taken a while, whether shutdown began.
+/// Reads a JSON body within the byte limit.
 async fn read_json_body(app: &App, request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let max_bytes = app.config().limits.max_body_bytes;
+    read_body(app, request, &["application/json"], max_bytes).await
+}
+
+/// Reads a JSON body that may be left out: no body (and no content type) reads as `{}`.
+async fn read_optional_json_body(app: &App, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let headers = request.headers();
+    let declared_empty = headers
+        .get(CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() == b"0");
+    if headers.get(CONTENT_TYPE).is_none()
+        && (declared_empty
+            || headers.get(CONTENT_LENGTH).is_none()
+                && !headers.contains_key(hyper::header::TRANSFER_ENCODING))
+    {
+        return Ok(Bytes::from_static(b"{}"));
+    }
+    read_json_body(app, request).await
+}
+
+/// Reads a body within the byte limit. Checked in order: media type, declared length, actual
+/// length; then, since reading may have taken a while, whether shutdown began.
+async fn read_body(
+    app: &App,
+    request: Request<Incoming>,
+    media_types: &'static [&'static str],
+    max_bytes: usize,
+) -> Result<Bytes, ApiError> {
     let headers = request.headers();
     let media_type = headers
         .get(CONTENT_TYPE)
@@ -356,10 +616,11 @@ async fn read_json_body(app: &App, request: Request<Incoming>) -> Result<Bytes, 
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if media_type != "application/json" {
-        return Err(ApiError::UnsupportedMediaType(
-            media_type.chars().take(100).collect(),
-        ));
+    if !media_types.contains(&media_type.as_str()) {
+        return Err(ApiError::UnsupportedMediaType {
+            expected: media_types[0],
+            got: media_type.chars().take(100).collect(),
+        });
     }
     let declared = headers
         .get(CONTENT_LENGTH)
@@ -383,6 +644,12 @@ async fn read_json_body(app: &App, request: Request<Incoming>) -> Result<Bytes, 
         return Err(ApiError::ShuttingDown);
     }
     Ok(body)
+}
+
+fn empty(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
@@ -413,6 +680,9 @@ fn error_response(route: Route, error: ApiError) -> Response<Full<Bytes>> {
         }
         ApiError::Overloaded(_) | ApiError::NotReady | ApiError::StorageUnavailable => {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        ApiError::RateLimited { retry_after_s } => {
+            headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         _ => {}
     }

@@ -10,11 +10,12 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::app::{
-    IngestRequest, Message, MintedKey, PrepareRequest, PrepareResult, Recalled, Role,
-};
-use crate::auth;
+use crate::app::keys::{self, KeyInfo, MintRequest, MintedKey};
+use crate::app::vault::{Found, SearchRequest, SearchResult, UploadLine, UploadResult, VaultStats};
+use crate::app::{IngestRequest, Message, PrepareRequest, PrepareResult, Recalled, Role};
+use crate::auth::Scope;
 use crate::error::ApiError;
+use crate::store::{AuditEntry, MemoryId, VaultId};
 
 /// Earliest and latest timestamps accepted (1970 to 9999), in ms since the epoch.
 const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
@@ -35,6 +36,8 @@ pub struct WireMessage {
     timestamp: Option<Value>,
     #[serde(default = "default_true")]
     memory: bool,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -48,6 +51,8 @@ pub struct WirePrepare {
     limit: Option<Value>,
     #[serde(default)]
     max_tokens: Option<Value>,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -55,17 +60,172 @@ pub struct WireIngest {
     messages: Vec<WireMessage>,
     #[serde(default)]
     model: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 #[derive(Deserialize)]
 pub struct WireMintKey {
     name: String,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    expires_days: Option<Value>,
+    #[serde(default)]
+    vault_id: Option<String>,
 }
 
 impl WireMintKey {
-    pub fn name(&self) -> &str {
-        &self.name
+    pub fn into_request(self) -> Result<MintRequest, ApiError> {
+        let scopes = match self.scopes {
+            None => None,
+            Some(names) => Some(
+                names
+                    .iter()
+                    .map(|name| {
+                        Scope::parse(name).ok_or_else(|| {
+                            ApiError::invalid(format!(
+                                "unknown scope {:?}; scopes are read, write, delete, admin",
+                                name.chars().take(32).collect::<String>()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let expires_days = positive_integer("expires_days", self.expires_days)?
+            .map(|days| u32::try_from(days).unwrap_or(u32::MAX));
+        let vault = self.vault_id.as_deref().map(vault_id).transpose()?;
+        Ok(MintRequest {
+            name: self.name,
+            scopes,
+            expires_days,
+            vault,
+        })
     }
+}
+
+/// A vault id as the API shows it, or `invalid_request`.
+pub fn vault_id(text: &str) -> Result<VaultId, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::invalid("`vault_id` must be `vlt_` and 32 hex digits, as key_info shows it")
+    })
+}
+
+#[derive(Deserialize)]
+pub struct WireRotate {
+    #[serde(default)]
+    grace_days: Option<Value>,
+}
+
+impl WireRotate {
+    pub fn grace_days(self) -> Result<u32, ApiError> {
+        match self.grace_days {
+            Some(Value::Number(n)) if n.as_u64() == Some(0) => Ok(0),
+            other => Ok(positive_integer("grace_days", other)?
+                .map_or(0, |d| u32::try_from(d).unwrap_or(u32::MAX))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct WireSearch {
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    limit: Option<Value>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    since: Option<Value>,
+    #[serde(default)]
+    until: Option<Value>,
+}
+
+impl WireSearch {
+    pub fn into_request(self) -> Result<SearchRequest, ApiError> {
+        let cursor = match self.cursor {
+            None => None,
+            Some(text) => Some(text.parse::<MemoryId>().map_err(|_| {
+                ApiError::invalid("`cursor` must be a `next_cursor` this API returned")
+            })?),
+        };
+        Ok(SearchRequest {
+            query: self.query,
+            limit: positive_integer("limit", self.limit)?,
+            cursor,
+            session_id: self.session_id,
+            tags: self.tags,
+            since_ms: timestamp_ms("since", self.since)?,
+            until_ms: timestamp_ms("until", self.until)?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct WireUploadLine {
+    content: Value,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// One upload line with its number (from 1), parsed or refused.
+pub type ParsedLine = (usize, Result<UploadLine, ApiError>);
+
+/// Splits a JSONL body into numbered lines (blank ones skipped) and parses each on its own,
+/// so that one bad line is reported and the rest still count. Too many lines refuse it whole.
+pub fn upload_lines(body: &[u8], max_lines: usize) -> Result<Vec<ParsedLine>, ApiError> {
+    let lines: Vec<(usize, &[u8])> = body
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .map(|(index, line)| (index + 1, line.strip_suffix(b"\r").unwrap_or(line)))
+        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    if lines.len() > max_lines {
+        return Err(ApiError::TooManyLines {
+            count: lines.len(),
+            max: max_lines,
+        });
+    }
+    Ok(lines
+        .into_iter()
+        .map(|(number, line)| (number, upload_line(line)))
+        .collect())
+}
+
+fn upload_line(line: &[u8]) -> Result<UploadLine, ApiError> {
+    let wire: WireUploadLine = parse(line)?;
+    let content = match wire.content {
+        Value::String(text) => text,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "`content` must be a string, got {}",
+                kind_of(&other)
+            )))
+        }
+    };
+    let role = match wire.role.as_deref() {
+        None => Role::User,
+        Some(text) => Role::parse(text)
+            .ok_or_else(|| ApiError::invalid("`role` must be user or assistant"))?,
+    };
+    Ok(UploadLine {
+        content,
+        role,
+        timestamp_ms: timestamp_ms("timestamp", wire.timestamp)?,
+        session_id: wire.session_id,
+        tags: wire.tags,
+    })
 }
 
 fn positive_integer(field: &str, value: Option<Value>) -> Result<Option<usize>, ApiError> {
@@ -128,7 +288,7 @@ fn content_text(index: usize, content: Value) -> Result<String, ApiError> {
 }
 
 /// RFC 3339 text or integer milliseconds since the epoch.
-fn timestamp_ms(index: usize, value: Option<Value>) -> Result<Option<i64>, ApiError> {
+fn timestamp_ms(field: &str, value: Option<Value>) -> Result<Option<i64>, ApiError> {
     let ms = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_i64(),
@@ -140,8 +300,8 @@ fn timestamp_ms(index: usize, value: Option<Value>) -> Result<Option<i64>, ApiEr
     match ms {
         Some(ms) if (0..=MAX_TIMESTAMP_MS).contains(&ms) => Ok(Some(ms)),
         _ => Err(ApiError::invalid(format!(
-            "messages[{index}].timestamp must be RFC 3339 text (2026-11-23T10:00:00Z) or epoch \
-             milliseconds between 1970 and 9999"
+            "`{field}` must be RFC 3339 text (2026-11-23T10:00:00Z) or epoch milliseconds \
+             between 1970 and 9999"
         ))),
     }
 }
@@ -164,8 +324,12 @@ fn messages(wire: Vec<WireMessage>, max_messages: usize) -> Result<Vec<Message>,
             Ok(Message {
                 role,
                 content: content_text(index, message.content)?,
-                timestamp_ms: timestamp_ms(index, message.timestamp)?,
+                timestamp_ms: timestamp_ms(
+                    &format!("messages[{index}].timestamp"),
+                    message.timestamp,
+                )?,
                 remember: message.memory,
+                tags: message.tags,
             })
         })
         .collect()
@@ -177,6 +341,7 @@ impl WirePrepare {
             messages: messages(self.messages, max_messages)?,
             limit: positive_integer("limit", self.limit)?,
             max_tokens: positive_integer("max_tokens", self.max_tokens)?,
+            tags: self.tags,
         })
     }
 }
@@ -194,6 +359,7 @@ impl WireIngest {
         Ok(IngestRequest {
             messages: messages(self.messages, max_messages)?,
             model: self.model,
+            tags: self.tags,
         })
     }
 }
@@ -211,20 +377,35 @@ pub struct WireMemory<'a> {
     content: &'a str,
     role: &'a str,
     session_id: Option<&'a str>,
+    tags: &'a [String],
     created_at: String,
-    score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f32>,
+}
+
+impl<'a> WireMemory<'a> {
+    fn new(id: MemoryId, record: &'a crate::store::MemoryRecord, score: Option<f32>) -> Self {
+        WireMemory {
+            id: id.to_string(),
+            content: &record.content,
+            role: &record.role,
+            session_id: record.session_id.as_deref(),
+            tags: &record.tags,
+            created_at: rfc3339(record.created_at_ms),
+            score: score.map(|s| (s * 10_000.0).round() / 10_000.0),
+        }
+    }
 }
 
 impl<'a> From<&'a Recalled> for WireMemory<'a> {
     fn from(memory: &'a Recalled) -> Self {
-        WireMemory {
-            id: memory.id.to_string(),
-            content: &memory.record.content,
-            role: &memory.record.role,
-            session_id: memory.record.session_id.as_deref(),
-            created_at: rfc3339(memory.record.created_at_ms),
-            score: (memory.score * 10_000.0).round() / 10_000.0,
-        }
+        WireMemory::new(memory.id, &memory.record, Some(memory.score))
+    }
+}
+
+impl<'a> From<&'a Found> for WireMemory<'a> {
+    fn from(memory: &'a Found) -> Self {
+        WireMemory::new(memory.id, &memory.record, memory.score)
     }
 }
 
@@ -246,12 +427,64 @@ impl<'a> From<&'a PrepareResult> for WirePrepared<'a> {
 }
 
 #[derive(Serialize)]
+pub struct WireSearchResult<'a> {
+    memories: Vec<WireMemory<'a>>,
+    next_cursor: Option<String>,
+}
+
+impl<'a> From<&'a SearchResult> for WireSearchResult<'a> {
+    fn from(result: &'a SearchResult) -> Self {
+        WireSearchResult {
+            memories: result.memories.iter().map(WireMemory::from).collect(),
+            next_cursor: result.next_cursor.map(|id| id.to_string()),
+        }
+    }
+}
+
+fn optional_time(ms: Option<i64>) -> Option<String> {
+    ms.map(rfc3339)
+}
+
+#[derive(Serialize)]
 pub struct WireKeyInfo {
     id: String,
     name: String,
     key_prefix: String,
+    scopes: Vec<Scope>,
     vault_id: String,
     created_at: String,
+    last_used_at: Option<String>,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+    deprecated_at: Option<String>,
+    auto_revoke_at: Option<String>,
+    is_active: bool,
+    status: &'static str,
+    rotated_to: Option<String>,
+    rotated_from: Option<String>,
+}
+
+impl From<KeyInfo> for WireKeyInfo {
+    fn from(info: KeyInfo) -> Self {
+        let record = info.record;
+        WireKeyInfo {
+            key_prefix: keys::key_prefix(&record),
+            id: record.id,
+            name: record.name,
+            scopes: record.scopes,
+            vault_id: record.vault,
+            created_at: rfc3339(record.created_at_ms),
+            last_used_at: optional_time(info.last_used_at_ms),
+            expires_at: optional_time(record.expires_at_ms),
+            revoked_at: optional_time(record.revoked_at_ms),
+            deprecated_at: optional_time(record.deprecated_at_ms),
+            auto_revoke_at: optional_time(record.auto_revoke_at_ms),
+            is_active: info.status == crate::store::KeyStatus::Active,
+            status: keys::status_text(info.status),
+            rotated_to: record.rotated_to,
+            rotated_from: record.rotated_from,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -262,18 +495,79 @@ pub struct WireMinted {
 
 impl From<MintedKey> for WireMinted {
     fn from(minted: MintedKey) -> Self {
-        let record = minted.record;
         WireMinted {
             key: minted.key,
-            key_info: WireKeyInfo {
-                key_prefix: auth::key_prefix(&record.id),
-                id: record.id,
-                name: record.name,
-                vault_id: record.vault,
-                created_at: rfc3339(record.created_at_ms),
-            },
+            key_info: minted.info.into(),
         }
     }
+}
+
+#[derive(Serialize)]
+pub struct WireKeyList {
+    keys: Vec<WireKeyInfo>,
+    next_cursor: Option<String>,
+}
+
+impl WireKeyList {
+    pub fn new(keys: Vec<KeyInfo>, next_cursor: Option<String>) -> Self {
+        WireKeyList {
+            keys: keys.into_iter().map(WireKeyInfo::from).collect(),
+            next_cursor,
+        }
+    }
+}
+
+pub fn upload_result(result: &UploadResult) -> Value {
+    let status = match (result.processed, result.failed) {
+        (_, 0) => "completed",
+        (0, _) => "failed",
+        _ => "partial",
+    };
+    let errors: Vec<Value> = result
+        .errors
+        .iter()
+        .map(|e| serde_json::json!({"line": e.line, "code": e.code, "message": e.message}))
+        .collect();
+    serde_json::json!({
+        "status": status,
+        "stats": {
+            "total": result.total,
+            "processed": result.processed,
+            "failed": result.failed,
+            "stored": result.stored,
+            "duplicates": result.duplicates,
+        },
+        "errors": errors,
+    })
+}
+
+pub fn stats(stats: &VaultStats) -> Value {
+    serde_json::json!({
+        "count": stats.count,
+        "bytes": stats.bytes,
+        "oldest": optional_time(stats.oldest_ms),
+        "newest": optional_time(stats.newest_ms),
+        "sessions": stats.sessions,
+        "pending": stats.pending,
+    })
+}
+
+pub fn audit_page(entries: &[AuditEntry], next: Option<u64>) -> Value {
+    let entries: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "at": rfc3339(e.at_ms),
+                "actor": e.actor,
+                "action": e.action,
+                "key_id": e.key_id,
+                "vault_id": e.vault,
+                "outcome": e.outcome,
+                "detail": e.detail,
+            })
+        })
+        .collect();
+    serde_json::json!({"entries": entries, "next_cursor": next.map(|n| n.to_string())})
 }
 
 #[cfg(test)]
@@ -320,15 +614,15 @@ mod tests {
     #[test]
     fn timestamps_take_rfc3339_or_epoch_ms() {
         assert_eq!(
-            timestamp_ms(0, Some(Value::from(1_700_000_000_000i64))).unwrap(),
+            timestamp_ms("t", Some(Value::from(1_700_000_000_000i64))).unwrap(),
             Some(1_700_000_000_000)
         );
         assert_eq!(
-            timestamp_ms(0, Some(Value::from("2023-11-14T22:13:20Z"))).unwrap(),
+            timestamp_ms("t", Some(Value::from("2023-11-14T22:13:20Z"))).unwrap(),
             Some(1_700_000_000_000)
         );
-        assert!(timestamp_ms(0, Some(Value::from("yesterday"))).is_err());
-        assert!(timestamp_ms(0, Some(Value::from(-5))).is_err());
+        assert!(timestamp_ms("t", Some(Value::from("yesterday"))).is_err());
+        assert!(timestamp_ms("t", Some(Value::from(-5))).is_err());
         assert_eq!(rfc3339(1_700_000_000_000), "2023-11-14T22:13:20Z");
     }
 
@@ -343,6 +637,37 @@ mod tests {
         assert!(positive_integer("limit", Some(Value::from(1.5))).is_err());
         let huge: Value = serde_json::from_str("1e300").unwrap();
         assert!(positive_integer("limit", Some(huge)).is_err());
+    }
+
+    #[test]
+    fn upload_lines_are_numbered_from_one_and_fail_alone() {
+        let body = b"{\"content\": \"a\"}\r\n\n{broken\n{\"content\": 5}\n{\"content\": \"b\", \"role\": \"robot\"}\n{\"content\": \"c\", \"role\": \"assistant\", \"tags\": [\"x\"], \"timestamp\": \"2024-01-01T00:00:00Z\"}";
+        let lines = upload_lines(body, 10).unwrap();
+        let numbers: Vec<usize> = lines.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [1, 3, 4, 5, 6]);
+        assert!(lines[0].1.is_ok());
+        assert_eq!(lines[1].1.as_ref().err().unwrap().code(), "invalid_json");
+        assert_eq!(lines[2].1.as_ref().err().unwrap().code(), "invalid_request");
+        assert!(lines[3].1.is_err());
+        let last = lines[4].1.as_ref().unwrap();
+        assert_eq!(last.role, Role::Assistant);
+        assert_eq!(last.timestamp_ms, Some(1_704_067_200_000));
+        assert_eq!(
+            upload_lines(b"{}\n{}\n{}", 2).err().unwrap().code(),
+            "too_many_lines"
+        );
+    }
+
+    #[test]
+    fn mint_requests_name_unknown_scopes() {
+        let wire: WireMintKey = parse(br#"{"name": "x", "scopes": ["read", "root"]}"#).unwrap();
+        let error = wire.into_request().err().unwrap();
+        assert!(error.to_string().contains("root"));
+        let wire: WireMintKey =
+            parse(br#"{"name": "x", "scopes": ["delete"], "expires_days": 3}"#).unwrap();
+        let request = wire.into_request().unwrap();
+        assert_eq!(request.scopes, Some(vec![Scope::Delete]));
+        assert_eq!(request.expires_days, Some(3));
     }
 
     #[test]

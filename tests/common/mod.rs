@@ -14,17 +14,32 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz";
+pub const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+/// Where the manual clock of an in-process daemon starts: 2027-01-15T08:00:00Z.
+pub const CLOCK_START_MS: i64 = 1_800_000_000_000;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 pub fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
 }
 
+/// The daemon's HTTP API, wherever it runs (a child process or in this process).
+pub struct Client {
+    pub addr: SocketAddr,
+}
+
 pub struct Daemon {
     child: Child,
-    pub addr: SocketAddr,
+    client: Client,
     pub data_dir: PathBuf,
     stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 pub struct Response {
@@ -80,6 +95,7 @@ impl Daemon {
         }
         command
             .env("MEMORY_SIDECAR_ADMIN_KEY", ADMIN_KEY)
+            .env("MEMORY_SIDECAR_MASTER_KEY", MASTER_KEY)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -117,25 +133,9 @@ impl Daemon {
             .expect("a socket address");
         Daemon {
             child,
-            addr,
+            client: Client { addr },
             data_dir: data_dir.to_owned(),
             stderr,
-        }
-    }
-
-    pub fn wait_ready(&self) {
-        let started = Instant::now();
-        loop {
-            if let Ok(response) = try_request(self.addr, "GET", "/readyz", &[], b"") {
-                if response.status == 200 {
-                    return;
-                }
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "daemon not ready within {DEADLINE:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -181,6 +181,24 @@ impl Daemon {
                 return status;
             }
             assert!(started.elapsed() < DEADLINE, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Client {
+    pub fn wait_ready(&self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = try_request(self.addr, "GET", "/readyz", &[], b"") {
+                if response.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "daemon not ready within {DEADLINE:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -278,6 +296,101 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+}
+
+/// The daemon in this process, on a manual clock, for tests that move time: the same `App` and
+/// `serve` the binary runs, on a runtime of its own.
+pub struct InProcess {
+    client: Client,
+    pub app: Arc<memory_sidecar::app::App>,
+    pub clock: Arc<memory_sidecar::clock::ManualClock>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for InProcess {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl InProcess {
+    /// Opens the app and serves it, without starting the indexer (so not yet ready).
+    pub fn open(data_dir: &Path, args: &[&str]) -> InProcess {
+        use clap::Parser;
+        let models = models_dir();
+        let mut argv: Vec<&std::ffi::OsStr> = vec![
+            "memory-sidecar".as_ref(),
+            "--data-dir".as_ref(),
+            data_dir.as_os_str(),
+            "--models-dir".as_ref(),
+            models.as_os_str(),
+        ];
+        argv.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let config = memory_sidecar::config::Flags::try_parse_from(argv)
+            .unwrap()
+            .validate()
+            .unwrap();
+        let clock = Arc::new(memory_sidecar::clock::ManualClock::new(CLOCK_START_MS));
+        let app = memory_sidecar::app::App::open(
+            config,
+            memory_sidecar::auth::AdminKey::new(ADMIN_KEY).unwrap(),
+            memory_sidecar::crypto::MasterKey::from_hex(MASTER_KEY).unwrap(),
+            memory_sidecar::metrics::Metrics::new().unwrap(),
+            clock.clone(),
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = app.clone();
+        let server = std::thread::spawn(move || {
+            runtime
+                .block_on(memory_sidecar::http::serve(served, listener, async {
+                    let _ = stopped.await;
+                }))
+                .unwrap();
+        });
+        InProcess {
+            client: Client { addr },
+            app,
+            clock,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Opens, starts and waits until ready.
+    pub fn start(data_dir: &Path, args: &[&str]) -> InProcess {
+        let daemon = InProcess::open(data_dir, args);
+        daemon.app.start().unwrap();
+        daemon.wait_ready();
+        daemon
+    }
+
+    pub fn advance_days(&self, days: i64) {
+        self.clock.advance_ms(days * 86_400_000);
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        let _ = self.app.close();
     }
 }
 

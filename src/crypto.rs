@@ -1,0 +1,485 @@
+//! Encryption at rest: a data key per vault, wrapped by the operator's master key.
+//!
+//! Every memory's text and every vector is sealed with its vault's data key (XChaCha20-Poly1305,
+//! a random 192-bit nonce per value, the vault and memory id as associated data, so a value
+//! cannot be moved to another slot or vault). Data keys live in the keyring file, one fixed
+//! 128-byte slot each, wrapped by the master key. Erasing a vault overwrites its slot in place
+//! and fsyncs it: the old ciphertext that sled's log segments may still hold can then no longer
+//! be read by anyone, the holder of the master key and every file included.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{bail, Context};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::store::VaultId;
+
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// Bytes added to every sealed value: the nonce in front, the tag behind.
+pub const SEALED_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+const KEY_LEN: usize = 32;
+
+const SLOT_LEN: usize = 128;
+const MAGIC: &[u8; 16] = b"MSIDECAR-KEYRING";
+const FORMAT: u8 = 1;
+const HEADER_AAD: &[u8] = b"memory-sidecar keyring check v1";
+const SLOT_AAD: &[u8] = b"memory-sidecar vault key v1";
+const SLOT_USED: u8 = 1;
+
+/// What a sealed value is, bound into its associated data.
+#[derive(Clone, Copy)]
+pub enum Purpose {
+    Memory = 1,
+    Vector = 2,
+}
+
+/// The operator's 256-bit master key. Never logged; dropped keys are not zeroed (see README).
+pub struct MasterKey([u8; KEY_LEN]);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    /// Parses 64 hex digits.
+    pub fn from_hex(text: &str) -> anyhow::Result<MasterKey> {
+        let mut key = [0u8; KEY_LEN];
+        hex::decode_to_slice(text.trim(), &mut key)
+            .map_err(|_| anyhow::anyhow!("a master key is 64 hex digits (256 bits)"))?;
+        Ok(MasterKey(key))
+    }
+
+    pub fn generate_hex() -> String {
+        hex::encode(rand::random::<[u8; KEY_LEN]>())
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&self.0).into())
+    }
+}
+
+/// One vault's data key, ready to seal and open values, and to key its dedup digests.
+pub struct VaultCipher {
+    aead: XChaCha20Poly1305,
+    digest_key: [u8; KEY_LEN],
+}
+
+impl VaultCipher {
+    pub fn new(data_key: &[u8; KEY_LEN]) -> VaultCipher {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(data_key).expect("any key length");
+        mac.update(b"memory-sidecar dedup digest key");
+        VaultCipher {
+            aead: XChaCha20Poly1305::new(data_key.into()),
+            digest_key: mac.finalize().into_bytes().into(),
+        }
+    }
+
+    /// Seals `plain` as `nonce ++ ciphertext ++ tag`, bound to `purpose` and `slot`.
+    pub fn seal(&self, purpose: Purpose, slot: &[u8], plain: &[u8]) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let aad = associated_data(purpose, slot);
+        let sealed = self
+            .aead
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &aad,
+                },
+            )
+            .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory sizes");
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens a value sealed by [`VaultCipher::seal`] for the same purpose and slot.
+    pub fn open(&self, purpose: Purpose, slot: &[u8], sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
+        if sealed.len() < SEALED_OVERHEAD {
+            bail!("sealed value of {} bytes is too short", sealed.len());
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let aad = associated_data(purpose, slot);
+        self.aead
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "a sealed value failed authentication (corrupt, or sealed by another key)"
+                )
+            })
+    }
+
+    /// A keyed digest of `parts` (length-prefixed), meaningless once the data key is gone.
+    pub fn digest(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.digest_key).expect("any key length");
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+fn associated_data(purpose: Purpose, slot: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(1 + slot.len());
+    aad.push(purpose as u8);
+    aad.extend_from_slice(slot);
+    aad
+}
+
+struct Slots {
+    by_vault: HashMap<VaultId, (usize, Arc<VaultCipher>)>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+/// The keyring file: a header that proves the master key, then one slot per vault.
+///
+/// A slot write is one 128-byte `pwrite` inside a 512-byte sector, then `fdatasync`: it is
+/// either the old slot or the new one after a crash. Slots are overwritten in place, never
+/// appended as new versions, so a replaced data key leaves no copy in this file.
+pub struct Keyring {
+    path: PathBuf,
+    master: XChaCha20Poly1305,
+    file: Mutex<File>,
+    slots: RwLock<Slots>,
+}
+
+impl Keyring {
+    /// Opens the keyring at `path`, creating it when `create` is set and it does not exist.
+    pub fn open(path: &Path, master: &MasterKey, create: bool) -> anyhow::Result<Keyring> {
+        let exists = path.exists();
+        if !exists && !create {
+            bail!(
+                "the keyring {} is missing, but the store holds vaults: without it no memory can \
+                 be read. Restore it from backup",
+                path.display()
+            );
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening the keyring {}", path.display()))?;
+        let cipher = master.cipher();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .with_context(|| format!("reading the keyring {}", path.display()))?;
+        if bytes.is_empty() {
+            let header = header(&cipher);
+            file.write_all_at(&header, 0)?;
+            file.sync_all()?;
+            bytes = header.to_vec();
+        }
+        check_header(&cipher, &bytes).with_context(|| format!("keyring {}", path.display()))?;
+        let mut slots = Slots {
+            by_vault: HashMap::new(),
+            free: Vec::new(),
+            len: bytes.len() / SLOT_LEN - 1,
+        };
+        for index in 0..slots.len {
+            let at = (index + 1) * SLOT_LEN;
+            let slot = &bytes[at..at + SLOT_LEN];
+            match unwrap_slot(&cipher, slot) {
+                Some((vault, data_key)) => {
+                    slots
+                        .by_vault
+                        .insert(vault, (index, Arc::new(VaultCipher::new(&data_key))));
+                }
+                None => {
+                    if slot[0] == SLOT_USED {
+                        tracing::warn!(
+                            slot = index,
+                            "a keyring slot failed authentication (a torn write or corruption); \
+                             treated as free"
+                        );
+                    }
+                    slots.free.push(index);
+                }
+            }
+        }
+        // Reuse low slots first.
+        slots.free.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(Keyring {
+            path: path.to_owned(),
+            master: cipher,
+            file: Mutex::new(file),
+            slots: RwLock::new(slots),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.read().expect("keyring lock").by_vault.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn vaults(&self) -> Vec<VaultId> {
+        let slots = self.slots.read().expect("keyring lock");
+        slots.by_vault.keys().copied().collect()
+    }
+
+    /// The vault's cipher, if the vault has a data key.
+    pub fn cipher(&self, vault: VaultId) -> Option<Arc<VaultCipher>> {
+        let slots = self.slots.read().expect("keyring lock");
+        slots.by_vault.get(&vault).map(|(_, c)| c.clone())
+    }
+
+    /// Gives `vault` a fresh data key, durably. An existing key is overwritten in place: that
+    /// is how a vault's contents are erased.
+    pub fn replace(&self, vault: VaultId) -> anyhow::Result<Arc<VaultCipher>> {
+        let data_key: [u8; KEY_LEN] = rand::random();
+        let slot_bytes = wrap_slot(&self.master, vault, &data_key);
+        let cipher = Arc::new(VaultCipher::new(&data_key));
+        let file = self.file.lock().expect("keyring file lock");
+        let mut slots = self.slots.write().expect("keyring lock");
+        let index = match slots.by_vault.get(&vault) {
+            Some((index, _)) => *index,
+            None => slots.free.pop().unwrap_or(slots.len),
+        };
+        write_slot(&file, index, &slot_bytes)?;
+        if index == slots.len {
+            slots.len += 1;
+        }
+        slots.free.retain(|i| *i != index);
+        slots.by_vault.insert(vault, (index, cipher.clone()));
+        Ok(cipher)
+    }
+
+    /// Destroys the vault's data key, durably: its slot is zeroed in place.
+    pub fn remove(&self, vault: VaultId) -> anyhow::Result<()> {
+        let file = self.file.lock().expect("keyring file lock");
+        let mut slots = self.slots.write().expect("keyring lock");
+        let Some((index, _)) = slots.by_vault.get(&vault).cloned() else {
+            return Ok(());
+        };
+        write_slot(&file, index, &[0u8; SLOT_LEN])?;
+        slots.by_vault.remove(&vault);
+        slots.free.push(index);
+        Ok(())
+    }
+}
+
+fn write_slot(file: &File, index: usize, bytes: &[u8; SLOT_LEN]) -> anyhow::Result<()> {
+    file.write_all_at(bytes, ((index + 1) * SLOT_LEN) as u64)
+        .context("writing a keyring slot")?;
+    file.sync_data().context("fsync of the keyring")?;
+    Ok(())
+}
+
+fn header(master: &XChaCha20Poly1305) -> [u8; SLOT_LEN] {
+    let mut header = [0u8; SLOT_LEN];
+    header[..16].copy_from_slice(MAGIC);
+    header[16] = FORMAT;
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let tag = master
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &[],
+                aad: HEADER_AAD,
+            },
+        )
+        .expect("encrypting an empty message cannot fail");
+    header[17..17 + NONCE_LEN].copy_from_slice(&nonce);
+    header[17 + NONCE_LEN..17 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
+    header
+}
+
+fn check_header(master: &XChaCha20Poly1305, bytes: &[u8]) -> anyhow::Result<()> {
+    if bytes.len() < SLOT_LEN || &bytes[..16] != MAGIC {
+        bail!("not a memory-sidecar keyring (bad magic); restore it from backup");
+    }
+    if bytes[16] != FORMAT {
+        bail!(
+            "keyring format {} is not supported by this build",
+            bytes[16]
+        );
+    }
+    if bytes.len() % SLOT_LEN != 0 {
+        bail!(
+            "the keyring is {} bytes, not a whole number of {SLOT_LEN}-byte slots: it was \
+             truncated or garbled; restore it from backup",
+            bytes.len()
+        );
+    }
+    let nonce = &bytes[17..17 + NONCE_LEN];
+    let tag = &bytes[17 + NONCE_LEN..17 + NONCE_LEN + TAG_LEN];
+    master
+        .decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: tag,
+                aad: HEADER_AAD,
+            },
+        )
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the master key does not match this keyring (was MEMORY_SIDECAR_MASTER_KEY or the \
+                 master key file changed?)"
+            )
+        })?;
+    Ok(())
+}
+
+// Slot layout: [0] used flag, [1..17] vault id, [17..41] nonce, [41..89] wrapped key + tag.
+fn wrap_slot(
+    master: &XChaCha20Poly1305,
+    vault: VaultId,
+    data_key: &[u8; KEY_LEN],
+) -> [u8; SLOT_LEN] {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let mut aad = SLOT_AAD.to_vec();
+    aad.extend_from_slice(&vault.0);
+    let wrapped = master
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: data_key,
+                aad: &aad,
+            },
+        )
+        .expect("wrapping a 32-byte key cannot fail");
+    let mut slot = [0u8; SLOT_LEN];
+    slot[0] = SLOT_USED;
+    slot[1..17].copy_from_slice(&vault.0);
+    slot[17..41].copy_from_slice(&nonce);
+    slot[41..41 + wrapped.len()].copy_from_slice(&wrapped);
+    slot
+}
+
+fn unwrap_slot(master: &XChaCha20Poly1305, slot: &[u8]) -> Option<(VaultId, [u8; KEY_LEN])> {
+    if slot[0] != SLOT_USED {
+        return None;
+    }
+    let vault = VaultId(slot[1..17].try_into().ok()?);
+    let mut aad = SLOT_AAD.to_vec();
+    aad.extend_from_slice(&vault.0);
+    let key = master
+        .decrypt(
+            XNonce::from_slice(&slot[17..41]),
+            Payload {
+                msg: &slot[41..41 + KEY_LEN + TAG_LEN],
+                aad: &aad,
+            },
+        )
+        .ok()?;
+    Some((vault, key.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn master() -> MasterKey {
+        MasterKey::from_hex(&MasterKey::generate_hex()).unwrap()
+    }
+
+    #[test]
+    fn values_open_only_in_their_own_slot_and_purpose() {
+        let cipher = VaultCipher::new(&[7u8; 32]);
+        let sealed = cipher.seal(Purpose::Memory, b"slot-a", b"hello");
+        assert_eq!(
+            cipher.open(Purpose::Memory, b"slot-a", &sealed).unwrap(),
+            b"hello"
+        );
+        assert!(cipher.open(Purpose::Memory, b"slot-b", &sealed).is_err());
+        assert!(cipher.open(Purpose::Vector, b"slot-a", &sealed).is_err());
+        let other = VaultCipher::new(&[8u8; 32]);
+        assert!(other.open(Purpose::Memory, b"slot-a", &sealed).is_err());
+        assert!(cipher
+            .open(Purpose::Memory, b"slot-a", &sealed[..10])
+            .is_err());
+    }
+
+    #[test]
+    fn the_keyring_survives_reopening_and_erases_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        let key = master();
+        let (a, b) = (VaultId::generate(), VaultId::generate());
+        let sealed = {
+            let ring = Keyring::open(&path, &key, true).unwrap();
+            let cipher = ring.replace(a).unwrap();
+            ring.replace(b).unwrap();
+            cipher.seal(Purpose::Memory, b"x", b"secret")
+        };
+        let before = std::fs::read(&path).unwrap();
+        let ring = Keyring::open(&path, &key, false).unwrap();
+        assert_eq!(ring.len(), 2);
+        let cipher = ring.cipher(a).unwrap();
+        assert_eq!(
+            cipher.open(Purpose::Memory, b"x", &sealed).unwrap(),
+            b"secret"
+        );
+
+        ring.replace(a).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(before.len(), after.len(), "a replaced key reuses its slot");
+        assert_ne!(
+            before[SLOT_LEN..2 * SLOT_LEN],
+            after[SLOT_LEN..2 * SLOT_LEN]
+        );
+        assert!(ring
+            .cipher(a)
+            .unwrap()
+            .open(Purpose::Memory, b"x", &sealed)
+            .is_err());
+
+        ring.remove(b).unwrap();
+        drop(ring);
+        let ring = Keyring::open(&path, &key, false).unwrap();
+        assert!(ring.cipher(b).is_none());
+        assert!(ring.cipher(a).is_some());
+    }
+
+    #[test]
+    fn a_wrong_master_key_or_a_garbled_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        Keyring::open(&path, &master(), true).unwrap();
+        let error = Keyring::open(&path, &master(), false).err().unwrap();
+        assert!(format!("{error:#}").contains("does not match"));
+
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..50]).unwrap();
+        assert!(Keyring::open(&path, &master(), false).is_err());
+        assert!(Keyring::open(&dir.path().join("absent"), &master(), false).is_err());
+    }
+
+    #[test]
+    fn digests_depend_on_the_data_key() {
+        let (a, b) = (VaultCipher::new(&[1; 32]), VaultCipher::new(&[2; 32]));
+        assert_eq!(a.digest(&[b"x", b"y"]), a.digest(&[b"x", b"y"]));
+        assert_ne!(a.digest(&[b"x", b"y"]), b.digest(&[b"x", b"y"]));
+        assert_ne!(a.digest(&[b"xy", b""]), a.digest(&[b"x", b"y"]));
+    }
+}
