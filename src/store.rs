@@ -199,6 +199,14 @@ pub struct EntryMeta {
     pub tags: Vec<String>,
 }
 
+/// What an erasure removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub memories: usize,
+    /// Of them, how many were still waiting for their vector.
+    pub pending: usize,
+}
+
 /// A page of memories, and the id to continue after when there are more.
 pub type MemoryPage = (Vec<(MemoryId, MemoryRecord)>, Option<MemoryId>);
 
@@ -544,16 +552,17 @@ impl Store {
     }
 
     /// Deletes every row of a vault's memories, vectors, marks and digests, in batches.
-    /// Returns how many memories there were. Not yet durable: see [`Committer`].
-    pub fn erase_vault_rows(&self, vault: VaultId) -> anyhow::Result<usize> {
-        let mut memories = 0;
-        for (tree, is_memories) in [
-            (&self.memories, true),
-            (&self.vectors, false),
-            (&self.pending, false),
-            (&self.unembeddable, false),
-            (&self.dedup, false),
+    /// Not yet durable: see [`Committer`].
+    pub fn erase_vault_rows(&self, vault: VaultId) -> anyhow::Result<Removed> {
+        let mut removed = Removed::default();
+        for (tree, counter) in [
+            (&self.memories, Some(&mut removed.memories)),
+            (&self.vectors, None),
+            (&self.pending, Some(&mut removed.pending)),
+            (&self.unembeddable, None),
+            (&self.dedup, None),
         ] {
+            let mut counter = counter;
             loop {
                 let keys: Vec<sled::IVec> = tree
                     .scan_prefix(vault.0)
@@ -563,8 +572,8 @@ impl Store {
                 if keys.is_empty() {
                     break;
                 }
-                if is_memories {
-                    memories += keys.len();
+                if let Some(count) = counter.as_deref_mut() {
+                    *count += keys.len();
                 }
                 let mut batch = sled::Batch::default();
                 for key in keys {
@@ -573,7 +582,25 @@ impl Store {
                 tree.apply_batch(batch)?;
             }
         }
-        Ok(memories)
+        Ok(removed)
+    }
+
+    /// How many of a vault's new memories are not already stored (by their dedup digest).
+    pub fn count_new(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        memories: &[NewMemory],
+    ) -> anyhow::Result<usize> {
+        let mut seen = std::collections::HashSet::new();
+        let mut fresh = 0;
+        for memory in memories {
+            let key = dedup_key(vault, &digest(cipher, memory));
+            if seen.insert(key.clone()) && !self.dedup.contains_key(&key)? {
+                fresh += 1;
+            }
+        }
+        Ok(fresh)
     }
 
     // ---- memories
@@ -674,14 +701,15 @@ impl Store {
         Ok((page, None))
     }
 
-    /// Deletes memories of one vault, with their vectors, marks and digests, atomically.
-    /// Returns the ids that existed. Not yet durable: see [`Committer`].
+    /// Deletes memories of one vault, with their vectors, marks and digests, atomically per
+    /// chunk. Returns the ids that existed, and how many were still pending. Not yet durable:
+    /// see [`Committer`].
     pub fn delete_memories(
         &self,
         vault: VaultId,
         cipher: &VaultCipher,
         ids: &[MemoryId],
-    ) -> anyhow::Result<Vec<MemoryId>> {
+    ) -> anyhow::Result<(Vec<MemoryId>, usize)> {
         let mut found = Vec::new();
         for id in ids {
             if let Some(record) = self.memory(vault, cipher, *id)? {
@@ -689,6 +717,7 @@ impl Store {
                 found.push((*id, dedup_key(vault, &digest)));
             }
         }
+        let mut pending_removed = 0;
         for chunk in found.chunks(ERASE_BATCH) {
             let result = (
                 &self.memories,
@@ -698,11 +727,14 @@ impl Store {
                 &self.dedup,
             )
                 .transaction(|(memories, vectors, pending, unembeddable, dedup)| {
+                    let mut was_pending = 0;
                     for (id, digest) in chunk {
                         let key = memory_key(vault, *id);
                         memories.remove(&key)?;
                         vectors.remove(&key)?;
-                        pending.remove(&key)?;
+                        if pending.remove(&key)?.is_some() {
+                            was_pending += 1;
+                        }
                         unembeddable.remove(&key)?;
                         // Only if it still points at this memory.
                         if dedup
@@ -712,11 +744,14 @@ impl Store {
                             dedup.remove(digest.as_slice())?;
                         }
                     }
-                    Ok(())
+                    Ok(was_pending)
                 });
-            transaction_result(result)?;
+            pending_removed += transaction_result(result)?;
         }
-        Ok(found.into_iter().map(|(id, _)| id).collect())
+        Ok((
+            found.into_iter().map(|(id, _)| id).collect(),
+            pending_removed,
+        ))
     }
 
     /// Up to `limit` memories stored but not yet embedded, in store order (ids only).
@@ -728,19 +763,18 @@ impl Store {
         Ok(batch)
     }
 
-    /// Drops a pending mark whose memory is gone.
-    pub fn clear_pending(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<()> {
-        self.pending.remove(memory_key(vault, id))?;
-        Ok(())
+    /// Drops a pending mark whose memory is gone. Whether there was one.
+    pub fn clear_pending(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool> {
+        Ok(self.pending.remove(memory_key(vault, id))?.is_some())
     }
 
     /// Takes a memory that cannot be embedded out of the pending set, into `unembeddable`, so
     /// that it does not block the memories behind it. The memory itself stays stored.
-    pub fn set_unembeddable(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<()> {
+    /// Whether it was pending.
+    pub fn set_unembeddable(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool> {
         let key = memory_key(vault, id);
         self.unembeddable.insert(key, &[])?;
-        self.pending.remove(key)?;
-        Ok(())
+        Ok(self.pending.remove(key)?.is_some())
     }
 
     /// Stores a vault's vectors (with the metadata the index filters on), then clears their
@@ -975,6 +1009,8 @@ mod tests {
         );
         assert_eq!(store.pending_count(), 3);
         assert_eq!(store.vault_memory_count(a), 2);
+        let batch = [message("hello"), message("new"), message("new")];
+        assert_eq!(store.count_new(a, &ca, &batch).unwrap(), 1);
     }
 
     #[test]
@@ -1026,7 +1062,7 @@ mod tests {
         let deleted = store
             .delete_memories(vault, &key, &[ids[0].0, MemoryId(12345)])
             .unwrap();
-        assert_eq!(deleted, vec![ids[0].0]);
+        assert_eq!(deleted, (vec![ids[0].0], 1));
         assert!(store.memory(vault, &key, ids[0].0).unwrap().is_none());
         assert_eq!(store.pending_count(), 1);
         let again = store
@@ -1047,7 +1083,13 @@ mod tests {
         store
             .insert_memories(b, &cipher(2), &[message("b")])
             .unwrap();
-        assert_eq!(store.erase_vault_rows(a).unwrap(), 2500);
+        assert_eq!(
+            store.erase_vault_rows(a).unwrap(),
+            Removed {
+                memories: 2500,
+                pending: 2500
+            }
+        );
         assert_eq!(store.vault_memory_count(a), 0);
         assert_eq!(store.vault_memory_count(b), 1);
         assert_eq!(store.pending_count(), 1);

@@ -407,16 +407,15 @@ impl App {
                 self.doorbell.wait(Duration::from_secs(1));
                 continue;
             }
-            match self.index_batch(&batch) {
-                Ok(true) => {}
-                Ok(false) => return,
+            let handled = match self.index_batch(&batch) {
+                Ok(Some(handled)) => handled as i64,
+                Ok(None) => return,
                 Err(error) => {
                     tracing::error!(error = %format!("{error:#}"), "indexing a batch failed; retrying");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
-            }
-            let handled = batch.len() as i64;
+            };
             self.metrics.embed_pending.sub(handled);
             if replaying {
                 self.metrics.replay_remaining.sub(handled);
@@ -427,8 +426,10 @@ impl App {
     /// Reads, embeds, stores and indexes one batch of pending memories. Each vault's part is
     /// read and written under its lock, and written only if the memory is still there and its
     /// vault's key unchanged: an erasure between the two phases leaves nothing behind.
-    /// `Ok(false)` when the model has stopped.
-    fn index_batch(&self, batch: &[(VaultId, MemoryId)]) -> anyhow::Result<bool> {
+    /// Returns how many pending marks it took away (a delete takes the others), or `None` when
+    /// the model has stopped.
+    fn index_batch(&self, batch: &[(VaultId, MemoryId)]) -> anyhow::Result<Option<usize>> {
+        let mut handled = 0;
         let mut texts: Vec<(VaultId, MemoryId, Arc<VaultCipher>, MemoryRecord)> = Vec::new();
         for group in batch.chunk_by(|a, b| a.0 == b.0) {
             let vault = group[0].0;
@@ -436,28 +437,29 @@ impl App {
             let _shared = lock.blocking_read();
             let Some(cipher) = self.keyring.cipher(vault) else {
                 for (_, id) in group {
-                    if self.store.vault(vault)?.is_some() {
+                    let was_pending = if self.store.vault(vault)?.is_some() {
                         tracing::error!(%vault, memory = %id, "memory of a vault without a data key; set aside");
-                        self.store.set_unembeddable(vault, *id)?;
+                        self.store.set_unembeddable(vault, *id)?
                     } else {
-                        self.store.clear_pending(vault, *id)?;
-                    }
+                        self.store.clear_pending(vault, *id)?
+                    };
+                    handled += usize::from(was_pending);
                 }
                 continue;
             };
             for (_, id) in group {
                 match self.store.memory(vault, &cipher, *id) {
                     Ok(Some(record)) => texts.push((vault, *id, cipher.clone(), record)),
-                    Ok(None) => self.store.clear_pending(vault, *id)?,
+                    Ok(None) => handled += usize::from(self.store.clear_pending(vault, *id)?),
                     Err(error) => {
                         tracing::error!(%vault, memory = %id, error = %format!("{error:#}"), "memory cannot be read; set aside");
-                        self.store.set_unembeddable(vault, *id)?;
+                        handled += usize::from(self.store.set_unembeddable(vault, *id)?);
                     }
                 }
             }
         }
         let Some(vectors) = self.embed_texts(&texts) else {
-            return Ok(false);
+            return Ok(None);
         };
         let mut embedded: Vec<Embedded> = Vec::new();
         for ((vault, id, cipher, record), vector) in texts.into_iter().zip(vectors) {
@@ -465,7 +467,7 @@ impl App {
                 Ok(vector) => embedded.push((vault, cipher, id, vector, record.meta())),
                 Err(error) => {
                     tracing::error!(memory = %id, %vault, %error, "memory cannot be embedded; set aside");
-                    self.store.set_unembeddable(vault, id)?;
+                    handled += usize::from(self.store.set_unembeddable(vault, id)?);
                 }
             }
         }
@@ -484,8 +486,9 @@ impl App {
             }
             self.store.insert_vectors(vault, &current, &items)?;
             self.indexes.insert(vault, &items);
+            handled += items.len();
         }
-        Ok(true)
+        Ok(Some(handled))
     }
 
     /// Embeds the texts of a batch. A batch that fails is retried text by text, so that one
@@ -674,18 +677,23 @@ impl App {
         memories: &[NewMemory],
     ) -> Result<Vec<(MemoryId, bool)>, ApiError> {
         let cipher = self.cipher(vault)?;
-        self.reserve(vault, memories.len())?;
+        // Room for what is new only: a retried exchange is answered even by a full vault.
+        let fresh = self
+            .store
+            .count_new(vault, &cipher, memories)
+            .map_err(storage_error("checking for duplicates"))?;
+        self.reserve(vault, fresh)?;
         let outcome = match self.store.insert_memories(vault, &cipher, memories) {
             Ok(outcome) => outcome,
             Err(error) => {
-                self.release(vault, memories.len());
+                self.release(vault, fresh);
                 return Err(storage_error("storing memories")(error));
             }
         };
         // The rows are in the store now, whatever happens to this request: count them here, so
         // the gauges stay true when the commit fails or the caller goes away.
         let stored = outcome.iter().filter(|(_, new)| *new).count();
-        self.release(vault, memories.len() - stored);
+        self.release(vault, fresh.saturating_sub(stored));
         self.metrics.memories.add(stored as i64);
         self.metrics.embed_pending.add(stored as i64);
         self.commit("committing memories").await?;

@@ -436,16 +436,14 @@ impl App {
                 ids
             }
         };
-        let deleted = self
+        let (deleted, were_pending) = self
             .store
             .delete_memories(vault, &cipher, &ids)
             .map_err(super::storage_error("deleting memories"))?;
         self.indexes.remove(vault, &deleted);
         self.release(vault, deleted.len());
         self.metrics.memories.sub(deleted.len() as i64);
-        self.metrics
-            .embed_pending
-            .set(self.store.pending_count() as i64);
+        self.metrics.embed_pending.sub(were_pending as i64);
         self.commit("committing a delete").await?;
         Ok(deleted.len())
     }
@@ -515,11 +513,10 @@ impl App {
         // 2. Forget what memory holds of the vault, then remove its rows.
         self.indexes.forget(vault);
         self.counts.lock().expect("count lock").remove(&vault);
-        let erased = self.store.erase_vault_rows(vault)?;
+        let removed = self.store.erase_vault_rows(vault)?;
+        let erased = removed.memories;
         self.metrics.memories.sub(erased as i64);
-        self.metrics
-            .embed_pending
-            .set(self.store.pending_count() as i64);
+        self.metrics.embed_pending.sub(removed.pending as i64);
         // 3. Clear the mark, or remove the vault and revoke every key of it.
         if removing {
             let now = self.now_ms();

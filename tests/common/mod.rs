@@ -391,6 +391,11 @@ impl Drop for InProcess {
             let _ = server.join();
         }
         let _ = self.app.close();
+        // The store is released (its file lock too) once the indexer thread lets go of the app.
+        let started = Instant::now();
+        while Arc::strong_count(&self.app) > 1 && started.elapsed() < DEADLINE {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
