@@ -9,8 +9,11 @@
 //! Code map:
 //! - `main.rs`: flags -> [`config::Config`] -> tracing -> [`app::App::open`] -> [`http::serve`].
 //! - [`http`]: hyper, routes, wire JSON, limits, graceful shutdown.
-//! - [`app`]: the domain operations (authenticate, prepare, ingest, mint keys), the indexer.
-//! - [`auth`]: key format, hashing, constant-time checks; yields an [`auth::Access`].
+//! - [`app`]: the domain operations (authenticate, prepare, ingest), the indexer; the key
+//!   lifecycle and audit log ([`app::keys`]); search, upload, stats and erasure ([`app::vault`]).
+//! - [`auth`]: key format, scopes, hashing, constant-time checks; yields an [`auth::Access`].
+//! - [`crypto`]: per-vault data keys in the keyring file, wrapped by the master key; sealing.
+//! - [`clock`]: injectable time, so expiry and grace periods are tested without sleeping.
 //! - [`embed`]: tokenizer + ONNX Runtime session on their own thread, fed by a bounded queue.
 //! - [`index`]: per-vault vector indexes (exact scan, HNSW when large), derived from the store.
 //! - [`store`]: sled, the single source of truth, and the group-commit thread.
@@ -26,6 +29,9 @@
 //!    queued texts, requests in flight, connections, request time. Past a bound: a clear error.
 //! 6. A vault is chosen by the key alone, never by anything else in the request.
 //! 7. No key and no memory text is logged or used as a metric label.
+//! 8. No memory text, vector or digest of a message reaches the disk unsealed by its vault's data
+//!    key; erasing a vault destroys that key (in place, fsynced) before removing any row.
+//! 9. Every operation on a vault holds its lock: shared to read or add, exclusive to delete.
 
 pub mod app;
 pub mod auth;
