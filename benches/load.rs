@@ -199,7 +199,11 @@ fn peak_rss_mb(pid: u32) -> f64 {
 fn main() {
     let options = options();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &["--max-inflight", "1024"]);
+    // No per-key rate limit: this measures the daemon, not the limiter.
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--max-inflight", "1024", "--key-rate-per-second", "0"],
+    );
     let keys: Vec<String> = (0..options.vaults)
         .map(|i| daemon.mint_key(&format!("load:{i}")))
         .collect();

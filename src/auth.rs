@@ -276,6 +276,10 @@ pub struct MemoryAccess {
     pub vault: VaultId,
     pub scopes: Vec<Scope>,
     pub mode: Mode,
+    /// Rotated, in its grace period: it still reads and writes, but manages no keys.
+    pub deprecated: bool,
+    /// When the key expires, if it does: no key it mints outlives it.
+    pub expires_at_ms: Option<i64>,
 }
 
 impl MemoryAccess {
@@ -389,6 +393,8 @@ mod tests {
                 mode: PresentedKey::parse(&format!("{}{suffix}", key.full))
                     .unwrap()
                     .mode,
+                deprecated: false,
+                expires_at_ms: None,
             }
         };
         let full = access(&Scope::ALL, "");

@@ -100,6 +100,13 @@ pub struct Flags {
         default_value_t = 100_000
     )]
     pub max_vault_memories: usize,
+    /// Audit log entries kept; the oldest are dropped past it.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_MAX_AUDIT_ENTRIES",
+        default_value_t = 1_000_000
+    )]
+    pub max_audit_entries: usize,
     /// Requests per second one memory key may make, sustained (0 = no limit).
     #[arg(
         long,
@@ -197,6 +204,7 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_upload_bytes: usize,
     pub max_vault_memories: usize,
+    pub max_audit_entries: usize,
     /// Sustained requests per second per memory key; 0 for none.
     pub key_rate_per_second: f64,
     pub key_burst: u32,
@@ -242,6 +250,7 @@ impl Flags {
         at_least("max-messages", self.max_messages, 1)?;
         at_least("max-upload-bytes", self.max_upload_bytes, 1024)?;
         at_least("max-vault-memories", self.max_vault_memories, 1)?;
+        at_least("max-audit-entries", self.max_audit_entries, 100)?;
         if !(self.key_rate_per_second >= 0.0 && self.key_rate_per_second.is_finite()) {
             bail!(
                 "--key-rate-per-second must be 0 (no limit) or positive, got {}",
@@ -334,6 +343,7 @@ impl Flags {
                 max_body_bytes: self.max_body_bytes,
                 max_upload_bytes: self.max_upload_bytes,
                 max_vault_memories: self.max_vault_memories,
+                max_audit_entries: self.max_audit_entries,
                 key_rate_per_second: self.key_rate_per_second,
                 key_burst: self.key_burst,
                 max_messages: self.max_messages,

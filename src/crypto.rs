@@ -191,7 +191,19 @@ impl Keyring {
             let header = header(&cipher);
             file.write_all_at(&header, 0)?;
             file.sync_all()?;
+            sync_parent(path)?;
             bytes = header.to_vec();
+        }
+        let partial = bytes.len() % SLOT_LEN;
+        if bytes.len() > SLOT_LEN && partial != 0 {
+            // A slot appended when the disk filled up: never acknowledged, so dropped.
+            tracing::warn!(
+                bytes = partial,
+                "the keyring ends in a partial slot (an interrupted write); dropping it"
+            );
+            bytes.truncate(bytes.len() - partial);
+            file.set_len(bytes.len() as u64)?;
+            file.sync_all()?;
         }
         check_header(&cipher, &bytes).with_context(|| format!("keyring {}", path.display()))?;
         let mut slots = Slots {
@@ -208,16 +220,15 @@ impl Keyring {
                         .by_vault
                         .insert(vault, (index, Arc::new(VaultCipher::new(&data_key))));
                 }
-                None => {
-                    if slot[0] == SLOT_USED {
-                        tracing::warn!(
-                            slot = index,
-                            "a keyring slot failed authentication (a torn write or corruption); \
-                             treated as free"
-                        );
-                    }
-                    slots.free.push(index);
+                None if slot[0] == SLOT_USED => {
+                    // Kept as it is, never reused: restored from backup, it may yet open a vault.
+                    tracing::error!(
+                        slot = index,
+                        "a keyring slot failed authentication (corruption); its vault cannot be \
+                         read. Restore the keyring from backup"
+                    );
                 }
+                None => slots.free.push(index),
             }
         }
         // Reuse low slots first.
@@ -286,6 +297,17 @@ impl Keyring {
         slots.free.push(index);
         Ok(())
     }
+}
+
+/// Makes a new file's directory entry durable.
+pub fn sync_parent(path: &Path) -> anyhow::Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("fsync of the directory {}", parent.display()))
 }
 
 fn write_slot(file: &File, index: usize, bytes: &[u8; SLOT_LEN]) -> anyhow::Result<()> {
@@ -473,6 +495,32 @@ mod tests {
         std::fs::write(&path, &bytes[..50]).unwrap();
         assert!(Keyring::open(&path, &master(), false).is_err());
         assert!(Keyring::open(&dir.path().join("absent"), &master(), false).is_err());
+    }
+
+    #[test]
+    fn a_partial_last_slot_is_dropped_and_a_corrupt_one_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        let key = master();
+        let (a, b) = (VaultId::generate(), VaultId::generate());
+        {
+            let ring = Keyring::open(&path, &key, true).unwrap();
+            ring.replace(a).unwrap();
+            ring.replace(b).unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[SLOT_LEN + 50] ^= 0xff; // corrupt a's slot
+        bytes.extend_from_slice(&[1u8; 40]); // and a torn append
+        std::fs::write(&path, &bytes).unwrap();
+        let ring = Keyring::open(&path, &key, false).unwrap();
+        assert!(ring.cipher(a).is_none());
+        assert!(ring.cipher(b).is_some());
+        assert_eq!(std::fs::read(&path).unwrap().len(), 3 * SLOT_LEN);
+        let c = VaultId::generate();
+        ring.replace(c).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(after[SLOT_LEN..2 * SLOT_LEN], bytes[SLOT_LEN..2 * SLOT_LEN]);
+        assert_eq!(after.len(), 4 * SLOT_LEN, "a new slot, not the corrupt one");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum ApiError {
     VaultNotFound(String),
     #[error("{0}")]
     KeyInactive(String),
+    #[error("the vault already has {max} active keys; revoke some first")]
+    TooManyKeys { max: usize },
     #[error("the vault holds {count} memories and may hold at most {max}; delete some, or ask the operator to raise --max-vault-memories")]
     VaultFull { count: usize, max: usize },
     #[error("this key is over its request rate; retry in {retry_after_s} s")]
@@ -115,6 +117,7 @@ impl ApiError {
             MemoryNotFound(_) => ("memory_not_found", 404),
             VaultNotFound(_) => ("vault_not_found", 404),
             KeyInactive(_) => ("key_inactive", 409),
+            TooManyKeys { .. } => ("too_many_keys", 409),
             VaultFull { .. } => ("vault_full", 409),
             RateLimited { .. } => ("rate_limited", 429),
             TooManyLines { .. } => ("too_many_lines", 413),

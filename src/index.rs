@@ -127,6 +127,12 @@ impl VaultIndex {
         };
         hits.sort_by(|a, b| b.score.total_cmp(&a.score));
         hits.truncate(k);
+        if self.graph.is_some() && hits.len() < k.min(self.len()) {
+            // Deleted memories crowded the graph's answer: scan everything instead.
+            hits.clear();
+            self.scan(query, 0, k, &mut hits, |_| true);
+            return hits;
+        }
         if self.removed.is_empty() {
             exact_top_k(
                 query,

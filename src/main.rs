@@ -120,6 +120,7 @@ fn secret_file(
                 .with_context(|| format!("creating {}", path.display()))?;
             file.write_all(text.as_bytes())?;
             file.sync_all()?;
+            memory_sidecar::crypto::sync_parent(path)?;
             tracing::info!(path = %path.display(), "generated a new {what} (mode 0600)");
             Ok(text)
         }

@@ -248,6 +248,8 @@ pub struct Store {
     unembeddable: sled::Tree,
     dedup: sled::Tree,
     audit: sled::Tree,
+    /// Entries in `audit`, counted once at open.
+    audit_entries: std::sync::atomic::AtomicUsize,
 }
 
 fn memory_key(vault: VaultId, id: MemoryId) -> [u8; 24] {
@@ -365,6 +367,7 @@ impl Store {
             pending: db.open_tree("pending")?,
             unembeddable: db.open_tree("unembeddable")?,
             dedup: db.open_tree("dedup")?,
+            audit_entries: db.open_tree("audit")?.len().into(),
             audit: db.open_tree("audit")?,
             path: dir.to_owned(),
             db,
@@ -826,11 +829,16 @@ impl Store {
 
     // ---- audit
 
-    /// Appends an audit entry. Not yet durable: it is made so by the operation's own commit.
-    pub fn append_audit(&self, entry: &AuditEntry) -> anyhow::Result<()> {
+    /// Appends an audit entry, dropping the oldest beyond `max_entries`. Not yet durable: it is
+    /// made so by the operation's own commit.
+    pub fn append_audit(&self, entry: &AuditEntry, max_entries: usize) -> anyhow::Result<()> {
         let seq = self.db.generate_id()?;
         self.audit
             .insert(seq.to_be_bytes(), serde_json::to_vec(entry)?)?;
+        let mut count = self.audit_entries.fetch_add(1, Ordering::AcqRel) + 1;
+        while count > max_entries && self.audit.pop_min()?.is_some() {
+            count = self.audit_entries.fetch_sub(1, Ordering::AcqRel) - 1;
+        }
         Ok(())
     }
 
@@ -1178,25 +1186,29 @@ mod tests {
     }
 
     #[test]
-    fn the_audit_log_pages_oldest_first() {
+    fn the_audit_log_pages_oldest_first_and_keeps_its_bound() {
         let (_dir, store) = open_store();
-        for i in 0..5 {
+        for i in 0..7 {
             store
-                .append_audit(&AuditEntry {
-                    at_ms: i,
-                    actor: "admin".into(),
-                    action: "mint".into(),
-                    key_id: None,
-                    vault: None,
-                    outcome: "ok".into(),
-                    detail: Default::default(),
-                })
+                .append_audit(
+                    &AuditEntry {
+                        at_ms: i,
+                        actor: "admin".into(),
+                        action: "mint".into(),
+                        key_id: None,
+                        vault: None,
+                        outcome: "ok".into(),
+                        detail: Default::default(),
+                    },
+                    5,
+                )
                 .unwrap();
         }
+        // Seven appended, five kept: the two oldest were dropped.
         let (first, next) = store.audit_page(None, 3).unwrap();
-        assert_eq!(first.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(first.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [2, 3, 4]);
         let (rest, end) = store.audit_page(next, 3).unwrap();
-        assert_eq!(rest.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(rest.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [5, 6]);
         assert!(end.is_none());
     }
 }

@@ -280,6 +280,21 @@ fn every_endpoint_checks_every_scope_and_mode() {
         (response.status, response.error_code()),
         (403, "write_scope_required".to_owned())
     );
+    // Nor take over a stronger key of its own vault by rotating or revoking it.
+    let own_vault =
+        daemon.call("GET", "/v1/keys", &manager, None, None).json()["keys"][0]["vault_id"].clone();
+    let (strong, strong_info) = daemon.mint(json!({
+        "name": "full", "scopes": ["read", "write", "delete"], "vault_id": own_vault,
+    }));
+    let strong_id = strong_info["id"].as_str().unwrap();
+    for (method, path) in [
+        ("POST", format!("/v1/keys/{strong_id}/rotate")),
+        ("DELETE", format!("/v1/keys/{strong_id}")),
+    ] {
+        let response = daemon.call(method, &path, &manager, None, None);
+        assert_eq!(response.status, 403, "{method} {path}: {}", response.text());
+    }
+    assert_eq!(daemon.status_of(&strong).0, 200);
     let (child, child_info) =
         daemon.mint_as(&manager, json!({"name": "reader", "scopes": ["read"]}));
     assert_eq!(daemon.status_of(&child).0, 200);
@@ -290,7 +305,7 @@ fn every_endpoint_checks_every_scope_and_mode() {
         .iter()
         .map(|k| k["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids.len(), 2, "only its own vault's keys: {listed}");
+    assert_eq!(ids.len(), 3, "only its own vault's keys: {listed}");
     assert!(ids.contains(&child_info["id"].as_str().unwrap()));
 }
 
@@ -511,6 +526,51 @@ fn expiry_and_rotation_grace_follow_the_clock() {
         Some(&json!({"grace_days": 31})),
     );
     assert_eq!(bad.status, 400);
+
+    // A key minted by an expiring key expires with it; a rotated one manages nothing.
+    let (manager, manager_info) =
+        daemon.mint(json!({"name": "app", "scopes": ["admin", "read"], "expires_days": 10}));
+    let (_, child) = daemon.mint_as(&manager, json!({"name": "child", "scopes": ["read"]}));
+    assert_eq!(child["expires_at"], manager_info["expires_at"]);
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let child_id = child["id"].as_str().unwrap();
+    let rotated = daemon.request(
+        "POST",
+        &format!("/v1/keys/{child_id}/rotate"),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        b"",
+    );
+    assert_eq!(
+        rotated.status,
+        201,
+        "an empty body is an empty object: {}",
+        rotated.text()
+    );
+    let manager_id = manager_info["id"].as_str().unwrap();
+    let rotated = daemon.call(
+        "POST",
+        &format!("/v1/keys/{manager_id}/rotate"),
+        ADMIN_KEY,
+        None,
+        Some(&json!({"grace_days": 5})),
+    );
+    assert_eq!(
+        rotated.json()["key_info"]["expires_at"],
+        "2027-01-30T08:00:00Z"
+    );
+    let refused = daemon.call("GET", "/v1/keys", &manager, None, None);
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (403, "admin_scope_required".to_owned())
+    );
+    assert_eq!(
+        daemon.status_of(&manager).0,
+        200,
+        "it still reads during its grace period"
+    );
 }
 
 #[test]
@@ -842,6 +902,13 @@ fn a_full_vault_refuses_more_until_something_is_deleted() {
                 .to_owned()
         })
         .collect();
+    // An empty id is a missing memory, never the whole vault.
+    let slash = daemon.call("DELETE", "/v1/memory/", &key, None, None);
+    assert_eq!(
+        (slash.status, slash.error_code()),
+        (404, "memory_not_found".to_owned())
+    );
+    assert_eq!(daemon.export(&key).len(), 3);
     let body = json!({"messages": [{"role": "user", "content": "fact 3"}]});
     let full = daemon.call("POST", "/v1/memory/ingest", &key, None, Some(&body));
     assert_eq!(
@@ -904,6 +971,14 @@ fn the_audit_log_records_every_operation_and_no_secret() {
     let new_key = rotated.json()["key"].as_str().unwrap().to_owned();
     daemon.call("DELETE", &format!("/v1/keys/{id}"), ADMIN_KEY, None, None);
     daemon.call("DELETE", "/v1/keys/00000000000000ff", ADMIN_KEY, None, None);
+    // A key pasted where its id belongs is refused, and the audit log does not keep it.
+    daemon.call(
+        "DELETE",
+        &format!("/v1/keys/{new_key}"),
+        ADMIN_KEY,
+        None,
+        None,
+    );
 
     let log = daemon.call("GET", "/v1/audit?limit=100", ADMIN_KEY, None, None);
     assert_eq!(log.status, 200, "{}", log.text());
@@ -927,12 +1002,14 @@ fn the_audit_log_records_every_operation_and_no_secret() {
         ("rotate", "ok"),
         ("revoke", "ok"),
         ("revoke", "key_not_found"),
+        ("revoke", "key_not_found"),
     ];
     let expected: Vec<(String, String)> = expected
         .iter()
         .map(|(a, o)| (a.to_string(), o.to_string()))
         .collect();
     assert_eq!(actions, expected);
+    assert_eq!(log["entries"][7]["key_id"], "<invalid>");
     let text = log.to_string();
     for secret in [&key[19..51], &new_key[19..51], "Lisbon", ADMIN_KEY] {
         assert!(
@@ -943,7 +1020,7 @@ fn the_audit_log_records_every_operation_and_no_secret() {
     assert_eq!(log["entries"][0]["actor"], "admin");
     assert_eq!(log["entries"][1]["actor"], id);
     let paged = daemon
-        .call("GET", "/v1/audit?limit=3", ADMIN_KEY, None, None)
+        .call("GET", "/v1/audit?limit=3&cursor=", ADMIN_KEY, None, None)
         .json();
     let cursor = paged["next_cursor"].as_str().unwrap();
     let rest = daemon

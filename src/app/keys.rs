@@ -7,7 +7,7 @@
 use serde_json::{Map, Value};
 
 use super::App;
-use crate::auth::{self, Access, NewKey, Scope};
+use crate::auth::{self, Access, MemoryAccess, NewKey, Scope};
 use crate::error::ApiError;
 use crate::store::{AuditEntry, KeyRecord, KeyStatus, VaultId, VaultRecord};
 
@@ -16,6 +16,8 @@ const DAY_MS: i64 = 86_400_000;
 const MAX_KEY_NAME_CHARS: usize = 200;
 pub const MAX_EXPIRES_DAYS: u32 = 365;
 pub const MAX_GRACE_DAYS: u32 = 30;
+/// Most active keys a memory key may give its vault (the admin key is not limited).
+pub const MAX_KEYS_PER_VAULT: usize = 100;
 /// Most keys one listing page returns.
 pub const MAX_KEYS_PAGE: usize = 1000;
 
@@ -57,8 +59,10 @@ pub(super) struct Audited {
 }
 
 impl App {
-    /// Appends an audit entry for an operation, makes it durable, and counts the operation.
-    /// A failed operation is recorded with its error code.
+    /// Appends an audit entry for an operation and counts it. A successful operation is then
+    /// committed, its entry with it, so that the answer and the entry are durable together (the
+    /// operation's own writes are not committed before). A refused one is not committed here:
+    /// its entry becomes durable with the next commit, so refusals cannot force fsyncs.
     pub(super) async fn audit<T>(
         &self,
         access: &Access,
@@ -84,13 +88,15 @@ impl App {
             .operations
             .with_label_values(&[action, label])
             .inc();
-        if let Err(error) = self.store.append_audit(&entry) {
+        if let Err(error) = self
+            .store
+            .append_audit(&entry, self.config.limits.max_audit_entries)
+        {
             tracing::error!(error = %format!("{error:#}"), action, "appending to the audit log failed");
-            return result.and(Err(ApiError::StorageUnavailable));
         }
-        // The operation's own writes were committed; this makes its audit entry durable too.
-        let committed = self.commit("committing the audit log").await;
-        result.and_then(|value| committed.map(|()| value))
+        let value = result?;
+        self.commit("committing an operation").await?;
+        Ok(value)
     }
 
     /// Mints a memory key: with a new, empty vault, or (`vault`) a further key for one.
@@ -151,11 +157,33 @@ impl App {
                         reason: "a key cannot mint a key with a scope it does not hold",
                     });
                 }
+                let active = self.store.keys_page(None, usize::MAX, |r| {
+                    r.vault == own.vault.to_string() && r.status(self.now_ms()) == KeyStatus::Active
+                })?;
+                if active.0.len() >= MAX_KEYS_PER_VAULT {
+                    return Err(ApiError::TooManyKeys {
+                        max: MAX_KEYS_PER_VAULT,
+                    });
+                }
                 Some(own.vault)
             }
         };
         let now = self.now_ms();
-        let record = {
+        let mut expires_days = request.expires_days;
+        let mut expires_at_ms = expires_days.map(|days| now + i64::from(days) * DAY_MS);
+        // A key minted by a memory key never outlives it.
+        if let Access::Memory(MemoryAccess {
+            expires_at_ms: Some(cap),
+            ..
+        }) = access
+        {
+            if expires_at_ms.is_none_or(|at| at > *cap) {
+                expires_at_ms = Some(*cap);
+                expires_days = None;
+            }
+        }
+        // Writing the keyring fsyncs: off the async workers.
+        let record = tokio::task::block_in_place(|| -> Result<_, ApiError> {
             let _serial = self.key_ops.lock().expect("key operations lock");
             let vault = match vault {
                 Some(vault) => {
@@ -193,19 +221,16 @@ impl App {
                 vault: vault.to_string(),
                 scopes,
                 created_at_ms: now,
-                expires_days: request.expires_days,
-                expires_at_ms: request
-                    .expires_days
-                    .map(|days| now + i64::from(days) * DAY_MS),
+                expires_days,
+                expires_at_ms,
                 revoked_at_ms: None,
                 deprecated_at_ms: None,
                 auto_revoke_at_ms: None,
                 rotated_to: None,
                 rotated_from: None,
             };
-            self.insert_new_key(template)?
-        };
-        self.commit("committing a new key").await?;
+            self.insert_new_key(template)
+        })?;
         tracing::info!(key_id = %record.1.id, vault = %record.1.vault, "minted a memory key");
         Ok(MintedKey {
             key: record.0.full,
@@ -244,8 +269,8 @@ impl App {
 
     /// The key record with this id, if `access` may see it.
     fn visible_key(&self, access: &Access, id: &str) -> Result<KeyRecord, ApiError> {
-        let not_found = || ApiError::KeyNotFound(id.chars().take(64).collect());
-        if !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.len() != 16 {
+        let not_found = || ApiError::KeyNotFound(audited_key_id(id));
+        if !is_key_id(id) {
             return Err(not_found());
         }
         let record = self.store.key(id)?.ok_or_else(not_found)?;
@@ -298,7 +323,7 @@ impl App {
     /// Revokes a key now, durably. Revoking a revoked key changes nothing.
     pub async fn revoke_key(&self, access: &Access, id: &str) -> Result<(), ApiError> {
         let audited = Audited {
-            key_id: Some(id.chars().take(64).collect()),
+            key_id: Some(audited_key_id(id)),
             ..Audited::default()
         };
         let result = self.revoke_key_inner(access, id).await;
@@ -308,7 +333,7 @@ impl App {
     async fn revoke_key_inner(&self, access: &Access, id: &str) -> Result<(), ApiError> {
         {
             let _serial = self.key_ops.lock().expect("key operations lock");
-            self.visible_key(access, id)?;
+            check_manageable(access, &self.visible_key(access, id)?)?;
             let now = self.now_ms();
             self.store
                 .update_key(id, |record| {
@@ -316,7 +341,6 @@ impl App {
                 })
                 .map_err(super::storage_error("revoking a key"))?;
         }
-        self.commit("committing a revocation").await?;
         tracing::info!(key_id = %id, "revoked a memory key");
         Ok(())
     }
@@ -330,7 +354,7 @@ impl App {
         grace_days: u32,
     ) -> Result<MintedKey, ApiError> {
         let mut audited = Audited {
-            key_id: Some(id.chars().take(64).collect()),
+            key_id: Some(audited_key_id(id)),
             ..Audited::default()
         };
         audited
@@ -362,6 +386,7 @@ impl App {
         let (key, record) = {
             let _serial = self.key_ops.lock().expect("key operations lock");
             let old = self.visible_key(access, id)?;
+            check_manageable(access, &old)?;
             match old.status(now) {
                 KeyStatus::Active if old.rotated_to.is_none() => {}
                 KeyStatus::Active => {
@@ -381,7 +406,22 @@ impl App {
                 id: String::new(),
                 hash: String::new(),
                 created_at_ms: now,
-                expires_at_ms: old.expires_days.map(|d| now + i64::from(d) * DAY_MS),
+                // The same lifetime from now, or the same end when it was fixed by a cap.
+                expires_at_ms: match old.expires_days {
+                    Some(days) => Some(now + i64::from(days) * DAY_MS),
+                    None => old.expires_at_ms,
+                }
+                .map(|at| match access {
+                    Access::Memory(MemoryAccess {
+                        expires_at_ms: Some(cap),
+                        ..
+                    }) => at.min(*cap),
+                    _ => at,
+                })
+                .or(match access {
+                    Access::Memory(own) => own.expires_at_ms,
+                    Access::Admin => None,
+                }),
                 revoked_at_ms: None,
                 deprecated_at_ms: None,
                 auto_revoke_at_ms: None,
@@ -399,7 +439,6 @@ impl App {
                 .map_err(super::storage_error("deprecating a rotated key"))?;
             (key, record)
         };
-        self.commit("committing a rotation").await?;
         tracing::info!(old_key_id = %id, key_id = %record.id, grace_days, "rotated a memory key");
         Ok(MintedKey {
             key: key.full,
@@ -423,6 +462,20 @@ impl App {
     }
 }
 
+/// A key id as the audit log may hold it: 16 hex digits, or a placeholder, so that a secret
+/// pasted into a path never reaches the log.
+fn audited_key_id(id: &str) -> String {
+    if is_key_id(id) {
+        id.to_owned()
+    } else {
+        "<invalid>".to_owned()
+    }
+}
+
+fn is_key_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 pub fn status_text(status: KeyStatus) -> &'static str {
     match status {
         KeyStatus::Active => "active",
@@ -430,6 +483,20 @@ pub fn status_text(status: KeyStatus) -> &'static str {
         KeyStatus::Rotated => "rotated",
         KeyStatus::Expired => "expired",
     }
+}
+
+/// A memory key manages only keys whose every scope it holds itself: it can never hand itself,
+/// by rotation, a key stronger than its own.
+fn check_manageable(access: &Access, target: &KeyRecord) -> Result<(), ApiError> {
+    if let Access::Memory(own) = access {
+        if let Some(missing) = target.scopes.iter().find(|s| !own.has_scope(**s)) {
+            return Err(ApiError::ScopeRequired {
+                scope: *missing,
+                reason: "a key cannot manage a key with a scope it does not hold",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The scopes asked for, checked: at least one, no repeats; read and write when not given.

@@ -45,6 +45,8 @@ pub const MAX_LABEL_CHARS: usize = 200;
 pub const MAX_TAGS: usize = 20;
 /// Longest tag.
 pub const MAX_TAG_CHARS: usize = 64;
+/// Compared against when a key id is unknown, so that a miss costs what a hit costs.
+const UNKNOWN_KEY_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// How often a key's last use is written to the store, at most.
 const TOUCH_EVERY_MS: i64 = 60_000;
 /// Stripes of the per-vault lock (vault ids are random, so their first byte spreads evenly).
@@ -532,9 +534,14 @@ impl App {
             });
         }
         let presented = PresentedKey::parse(credential)?;
-        let record = self.store.key(&presented.id)?.ok_or(ApiError::UnknownKey)?;
-        // A wrong secret for a real id answers exactly as an id never minted.
-        if !auth::hashes_match(&record.hash, &presented.hash()) {
+        let hash = presented.hash();
+        // A wrong secret for a real id answers exactly as an id never minted, and as fast: an
+        // unknown id is hashed and compared too.
+        let Some(record) = self.store.key(&presented.id)? else {
+            let _ = auth::hashes_match(UNKNOWN_KEY_HASH, &hash);
+            return Err(ApiError::UnknownKey);
+        };
+        if !auth::hashes_match(&record.hash, &hash) {
             return Err(ApiError::UnknownKey);
         }
         let now = self.now_ms();
@@ -551,6 +558,8 @@ impl App {
             .with_label_values(&[presented.mode.label()])
             .inc();
         Ok(MemoryAccess {
+            deprecated: record.deprecated_at_ms.is_some(),
+            expires_at_ms: record.expires_at_ms,
             key_id: record.id,
             vault,
             scopes: record.scopes,
@@ -603,6 +612,12 @@ impl App {
         if credential.starts_with(auth::KEY_PREFIX) {
             let access = self.memory_access(Some(credential))?;
             access.require(Scope::Admin)?;
+            if access.deprecated {
+                return Err(ApiError::ScopeRequired {
+                    scope: Scope::Admin,
+                    reason: "a rotated key keeps only reading and writing during its grace period",
+                });
+            }
             return Ok(Access::Memory(access));
         }
         Err(ApiError::InvalidAdminKey)
@@ -651,8 +666,10 @@ impl App {
     fn reserve(&self, vault: VaultId, n: usize) -> Result<(), ApiError> {
         let max = self.config.limits.max_vault_memories;
         let known = self.counts.lock().expect("count lock").contains_key(&vault);
-        // Counted outside the lock: a large vault's first count must not stall the others.
-        let counted = (!known).then(|| self.store.vault_memory_count(vault));
+        // Counted outside the lock (and off the async workers): a large vault's first count
+        // must not stall the others.
+        let counted =
+            (!known).then(|| tokio::task::block_in_place(|| self.store.vault_memory_count(vault)));
         let mut counts = self.counts.lock().expect("count lock");
         let count = counts.entry(vault).or_insert(counted.unwrap_or(0));
         if *count + n > max {
@@ -677,6 +694,10 @@ impl App {
         memories: &[NewMemory],
     ) -> Result<Vec<(MemoryId, bool)>, ApiError> {
         let cipher = self.cipher(vault)?;
+        if self.store.vault(vault)?.is_some_and(|r| r.erasing) {
+            tracing::error!(%vault, "refusing writes to a vault whose erasure did not finish");
+            return Err(ApiError::StorageUnavailable);
+        }
         // Room for what is new only: a retried exchange is answered even by a full vault.
         let fresh = self
             .store

@@ -7,12 +7,14 @@
 //! erasure a crash cut short is finished at the next start.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::keys::Audited;
 use super::{check_tags, merge_tags, App, MetaFilter, Recalled, Role, MAX_LABEL_CHARS};
 use crate::auth::{Access, MemoryAccess, Scope};
+use crate::crypto::VaultCipher;
 use crate::error::ApiError;
 use crate::store::{EntryMeta, MemoryId, MemoryRecord, NewMemory, VaultId};
 
@@ -416,6 +418,19 @@ impl App {
         let lock = self.locks.of(vault);
         let _exclusive = lock.write().await;
         let cipher = self.cipher(vault)?;
+        // Scanning and deleting may take a while in a large vault: off the async workers.
+        tokio::task::block_in_place(|| self.delete_locked(vault, &cipher, ids, session))
+    }
+
+    /// The body of [`App::delete_where`], with the vault's lock held exclusively. The caller
+    /// commits (with the audit entry).
+    fn delete_locked(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        ids: Option<&[MemoryId]>,
+        session: Option<&str>,
+    ) -> Result<usize, ApiError> {
         let ids: Vec<MemoryId> = match (ids, session) {
             (Some(ids), _) => ids.to_vec(),
             (None, session) => {
@@ -424,7 +439,7 @@ impl App {
                 loop {
                     let (page, next) =
                         self.store
-                            .memories_page(vault, &cipher, cursor, 1000, |record| {
+                            .memories_page(vault, cipher, cursor, 1000, |record| {
                                 record.session_id.as_deref() == session
                             })?;
                     ids.extend(page.into_iter().map(|(id, _)| id));
@@ -438,43 +453,51 @@ impl App {
         };
         let (deleted, were_pending) = self
             .store
-            .delete_memories(vault, &cipher, &ids)
+            .delete_memories(vault, cipher, &ids)
             .map_err(super::storage_error("deleting memories"))?;
         self.indexes.remove(vault, &deleted);
         self.release(vault, deleted.len());
         self.metrics.memories.sub(deleted.len() as i64);
         self.metrics.embed_pending.sub(were_pending as i64);
-        self.commit("committing a delete").await?;
         Ok(deleted.len())
     }
 
     /// Erases a vault's whole contents. `removing` also revokes its keys and removes the vault
     /// (the user left); otherwise the vault stays, empty, under a fresh data key, and its keys
     /// keep working. Returns how many memories were erased.
+    ///
+    /// Runs to completion in a task of its own: a client that hangs up, or the request timeout,
+    /// must not leave an erasure half done until the next start.
     pub async fn erase_vault(
-        &self,
+        self: &Arc<Self>,
         access: &Access,
         vault: VaultId,
         removing: bool,
     ) -> Result<usize, ApiError> {
-        let mut audited = Audited {
-            vault: Some(vault),
-            ..Audited::default()
-        };
-        let action = if removing {
-            "erase_vault"
-        } else {
-            "erase_contents"
-        };
-        let result = self.erase_vault_inner(access, vault, removing).await;
-        if let Ok(count) = &result {
-            audited.detail.insert("deleted".into(), Value::from(*count));
-        }
-        self.audit(access, action, audited, result).await
+        let app = self.clone();
+        let access = access.clone();
+        let task = tokio::spawn(async move {
+            let mut audited = Audited {
+                vault: Some(vault),
+                ..Audited::default()
+            };
+            let action = if removing {
+                "erase_vault"
+            } else {
+                "erase_contents"
+            };
+            let result = app.erase_vault_inner(&access, vault, removing).await;
+            if let Ok(count) = &result {
+                audited.detail.insert("deleted".into(), Value::from(*count));
+            }
+            app.audit(&access, action, audited, result).await
+        });
+        task.await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("erasure task: {e}")))?
     }
 
     async fn erase_vault_inner(
-        &self,
+        self: &Arc<Self>,
         access: &Access,
         vault: VaultId,
         removing: bool,
@@ -487,16 +510,19 @@ impl App {
         let Some(mut record) = self.store.vault(vault)? else {
             return Err(ApiError::VaultNotFound(vault.to_string()));
         };
+        // A removal once asked for stays asked for, even if a later call only empties the vault.
+        record.removing |= removing;
         record.erasing = true;
-        record.removing = removing;
+        let removing = record.removing;
         self.store
             .set_vault(vault, &record)
             .map_err(super::storage_error("marking a vault for erasure"))?;
         self.commit("committing an erasure mark").await?;
-        let erased = self
-            .finish_erasure(vault, removing)
+        let app = self.clone();
+        let erased = tokio::task::spawn_blocking(move || app.finish_erasure(vault, removing))
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("erasure: {e}")))?
             .map_err(super::storage_error("erasing a vault"))?;
-        self.commit("committing an erasure").await?;
         tracing::info!(%vault, memories = erased, removing, "erased a vault");
         Ok(erased)
     }
@@ -521,6 +547,8 @@ impl App {
         if removing {
             let now = self.now_ms();
             let owner = vault.to_string();
+            // Under the key lock: a rotation or mint racing this scan cannot slip a key past it.
+            let _serial = self.key_ops.lock().expect("key operations lock");
             let mut cursor: Option<String> = None;
             loop {
                 let (page, next) = self

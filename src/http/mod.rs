@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use crate::app::keys::KeyQuery;
 use crate::app::vault::MAX_UPLOAD_LINES;
 use crate::app::{App, MAX_LABEL_CHARS};
-use crate::auth::{Access, MemoryAccess, MAX_CREDENTIAL_LEN};
+use crate::auth::{Access, MemoryAccess, Scope, MAX_CREDENTIAL_LEN};
 use crate::error::ApiError;
 
 /// Largest buffer hyper may hold for one connection's request head.
@@ -62,7 +62,9 @@ const MAX_PARAM_CHARS: usize = 100;
 impl Route {
     /// The route of a path, and its parameter (`{id}`) if it has one.
     fn of(path: &str) -> (Route, Option<&str>) {
-        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        // No trailing-slash folding: `DELETE /v1/memory/` (an empty id) must never mean
+        // `DELETE /v1/memory` (the whole vault).
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
         match segments.as_slice() {
             ["healthz"] => (Route::Healthz, None),
             ["readyz"] => (Route::Readyz, None),
@@ -372,6 +374,7 @@ async fn dispatch(
         (Route::Search, _) => {
             query.only(&[])?;
             let access = app.memory_access(credential)?;
+            access.require(Scope::Read)?;
             let body = read_json_body(app, request).await?;
             let search = wire::parse::<wire::WireSearch>(&body)?.into_request()?;
             let result = app.search(&access, search).await?;
@@ -380,6 +383,8 @@ async fn dispatch(
         (Route::Upload, _) => {
             query.only(&[])?;
             let access = app.memory_access(credential)?;
+            // Refused before up to 16 MiB is read and parsed.
+            access.require(Scope::Write)?;
             let max_bytes = app.config().limits.max_upload_bytes;
             let body = read_body(app, request, JSONL_TYPES, max_bytes).await?;
             let lines = wire::upload_lines(&body, MAX_UPLOAD_LINES)?;
@@ -475,6 +480,8 @@ impl QueryParams {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             params.push((name.to_owned(), value.to_owned()));
         }
+        // An empty value (`?cursor=`) means the parameter is absent.
+        params.retain(|(_, value)| !value.is_empty());
         Ok(QueryParams(params))
     }
 
@@ -582,20 +589,26 @@ async fn read_json_body(app: &App, request: Request<Incoming>) -> Result<Bytes, 
     read_body(app, request, &["application/json"], max_bytes).await
 }
 
-/// Reads a JSON body that may be left out: no body (and no content type) reads as `{}`.
+/// Reads a JSON body that may be left out: an empty body reads as `{}`, whatever its declared
+/// type; a non-empty one must be JSON.
 async fn read_optional_json_body(app: &App, request: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let headers = request.headers();
-    let declared_empty = headers
-        .get(CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() == b"0");
-    if headers.get(CONTENT_TYPE).is_none()
-        && (declared_empty
-            || headers.get(CONTENT_LENGTH).is_none()
-                && !headers.contains_key(hyper::header::TRANSFER_ENCODING))
-    {
+    let max_bytes = app.config().limits.max_body_bytes;
+    let typed = request.headers().contains_key(CONTENT_TYPE);
+    let body = if typed {
+        read_json_body(app, request).await?
+    } else {
+        collect_body(app, request, max_bytes).await?
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Bytes::from_static(b"{}"));
     }
-    read_json_body(app, request).await
+    if !typed {
+        return Err(ApiError::UnsupportedMediaType {
+            expected: "application/json",
+            got: String::new(),
+        });
+    }
+    Ok(body)
 }
 
 /// Reads a body within the byte limit. Checked in order: media type, declared length, actual
@@ -622,7 +635,18 @@ async fn read_body(
             got: media_type.chars().take(100).collect(),
         });
     }
-    let declared = headers
+    collect_body(app, request, max_bytes).await
+}
+
+/// Reads a body of at most `max_bytes`: the declared length is checked first, then the bytes
+/// as they arrive.
+async fn collect_body(
+    app: &App,
+    request: Request<Incoming>,
+    max_bytes: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
