@@ -169,6 +169,16 @@ pub struct Flags {
     /// Lowest cosine similarity a memory needs to be returned by prepare.
     #[arg(long, env = "MEMORY_SIDECAR_MIN_SCORE", default_value_t = 0.25)]
     pub min_score: f32,
+    /// Lowest BM25 score that makes a memory relevant to prepare without the cosine floor.
+    #[arg(long, env = "MEMORY_SIDECAR_MIN_LEXICAL", default_value_t = 1.0)]
+    pub min_lexical: f32,
+    /// Weight of the dense (cosine) z-score in the hybrid ranking; the lexical (BM25) one gets
+    /// the rest. 1 is dense only, 0 lexical only.
+    #[arg(long, env = "MEMORY_SIDECAR_DENSE_WEIGHT", default_value_t = 0.6)]
+    pub dense_weight: f32,
+    /// Share of a memory's best session neighbour's score added to its own.
+    #[arg(long, env = "MEMORY_SIDECAR_NEIGHBOUR_WEIGHT", default_value_t = 0.35)]
+    pub neighbour_weight: f32,
     /// Added to the score of memories from the request's own session when ranking.
     #[arg(long, env = "MEMORY_SIDECAR_SESSION_BOOST", default_value_t = 0.05)]
     pub session_boost: f32,
@@ -233,6 +243,9 @@ pub struct EmbedConfig {
 #[derive(Clone, Debug)]
 pub struct RetrievalConfig {
     pub min_score: f32,
+    pub min_lexical: f32,
+    pub dense_weight: f32,
+    pub neighbour_weight: f32,
     pub session_boost: f32,
     pub short_query_words: usize,
     pub hnsw_threshold: usize,
@@ -310,6 +323,17 @@ impl Flags {
                 self.min_score
             );
         }
+        for (name, value) in [
+            ("dense-weight", self.dense_weight),
+            ("neighbour-weight", self.neighbour_weight),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                bail!("--{name} must be in 0..=1, got {value}");
+            }
+        }
+        if !(self.min_lexical >= 0.0 && self.min_lexical.is_finite()) {
+            bail!("--min-lexical must be 0 or more, got {}", self.min_lexical);
+        }
         if !(0.0..=1.0).contains(&self.session_boost) {
             bail!(
                 "--session-boost must be in 0..=1, got {}",
@@ -367,6 +391,9 @@ impl Flags {
             },
             retrieval: RetrievalConfig {
                 min_score: self.min_score,
+                min_lexical: self.min_lexical,
+                dense_weight: self.dense_weight,
+                neighbour_weight: self.neighbour_weight,
                 session_boost: self.session_boost,
                 short_query_words: self.short_query_words,
                 hnsw_threshold: self.hnsw_threshold,

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use hnsw_rs::prelude::{Distance, Hnsw};
 
 use crate::crypto::VaultCipher;
+use crate::lexical::LexicalIndex;
 use crate::store::{EntryMeta, MemoryId, Store, VaultId, DIM};
 
 /// HNSW parameters: 16 links a node (well under the library's limit of 256, which it enforces
@@ -28,6 +29,70 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// Dense candidates the hybrid ranking takes from an HNSW graph, at least.
+const HNSW_CANDIDATES: usize = 256;
+
+/// How the hybrid ranking mixes its signals (README.md, "Retrieval", for how each was chosen).
+#[derive(Clone, Copy, Debug)]
+pub struct HybridParams {
+    /// Weight of the dense z-score; the lexical one gets the rest.
+    pub dense_weight: f32,
+    /// Share of the best session neighbour's score added to a memory's own.
+    pub neighbour_weight: f32,
+    /// A memory is relevant if its cosine similarity reaches this...
+    pub min_similarity: f32,
+    /// ...or its BM25 score reaches this.
+    pub min_lexical: f32,
+}
+
+/// A memory as the hybrid ranking scored it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ranked {
+    pub id: MemoryId,
+    /// The fused, neighbour-lifted score the ranking sorts by (unbounded; higher is better).
+    pub score: f32,
+    /// Cosine similarity to the query.
+    pub similarity: f32,
+    /// BM25 score of its window.
+    pub lexical: f32,
+    /// The memory before it in its session, if any.
+    pub previous: Option<MemoryId>,
+}
+
+/// Mixes two score lists, each standardised to mean 0 and deviation 1 first (so their scales
+/// do not matter): `dense_weight * z(dense) + (1 - dense_weight) * z(lexical)`.
+pub fn fuse(dense: &[f32], lexical: &[f32], dense_weight: f32) -> Vec<f32> {
+    let (dense_mean, dense_scale) = standardiser(dense);
+    let (lexical_mean, lexical_scale) = standardiser(lexical);
+    dense
+        .iter()
+        .zip(lexical)
+        .map(|(d, l)| {
+            dense_weight * (d - dense_mean) * dense_scale
+                + (1.0 - dense_weight) * (l - lexical_mean) * lexical_scale
+        })
+        .collect()
+}
+
+/// Mean and inverse standard deviation (0 when all values are equal).
+fn standardiser(values: &[f32]) -> (f32, f32) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = values.len() as f32;
+    let mean = values.iter().sum::<f32>() / n;
+    let variance = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let deviation = variance.sqrt();
+    (
+        mean,
+        if deviation > 1e-9 {
+            1.0 / deviation
+        } else {
+            0.0
+        },
+    )
+}
+
 /// The vectors of one vault, flat, plus an optional HNSW graph over a prefix of them.
 pub struct VaultIndex {
     ids: Vec<MemoryId>,
@@ -38,6 +103,12 @@ pub struct VaultIndex {
     present: HashSet<MemoryId>,
     /// Deleted memories still in the arrays (and the graph); skipped by every search.
     removed: HashSet<MemoryId>,
+    /// BM25 over each memory's window (itself and its session neighbours).
+    lexical: LexicalIndex,
+    /// Each position's previous and next position in the same session.
+    neighbours: Vec<(Option<u32>, Option<u32>)>,
+    /// The latest position of each session (no session counts as one).
+    last_in_session: HashMap<Option<String>, u32>,
     graph: Option<Graph>,
     building: bool,
 }
@@ -56,6 +127,9 @@ impl VaultIndex {
             meta: Vec::new(),
             present: HashSet::new(),
             removed: HashSet::new(),
+            lexical: LexicalIndex::default(),
+            neighbours: Vec::new(),
+            last_in_session: HashMap::new(),
             graph: None,
             building: false,
         }
@@ -81,13 +155,24 @@ impl VaultIndex {
     }
 
     /// Adds a unit vector; a memory already present (or deleted) is left as it is.
-    pub fn insert_with_meta(&mut self, id: MemoryId, vector: &[f32], meta: EntryMeta) {
+    pub fn insert_with_meta(&mut self, id: MemoryId, vector: &[f32], mut meta: EntryMeta) {
         debug_assert_eq!(vector.len(), DIM);
-        if self.present.insert(id) {
-            self.ids.push(id);
-            self.vectors.extend_from_slice(vector);
-            self.meta.push(meta);
+        if !self.present.insert(id) {
+            return;
         }
+        let position = self.ids.len() as u32;
+        let previous = self
+            .last_in_session
+            .insert(meta.session_id.clone(), position);
+        self.lexical.push(&meta.terms, previous.map(|p| p as usize));
+        if let Some(previous) = previous {
+            self.neighbours[previous as usize].1 = Some(position);
+        }
+        self.neighbours.push((previous, None));
+        meta.terms = Vec::new();
+        self.ids.push(id);
+        self.vectors.extend_from_slice(vector);
+        self.meta.push(meta);
     }
 
     /// Takes memories out of every later search. Their slots are reclaimed when the vault is
@@ -160,6 +245,99 @@ impl VaultIndex {
             self.scan(query, 0, k, &mut hits, keep);
         }
         hits
+    }
+
+    /// Hybrid ranking: dense similarity and BM25 over each memory's session window, each
+    /// standardised (z-scores) over the candidates, mixed by `dense_weight`, then each memory
+    /// lifted by `neighbour_weight` times its best session neighbour's score (a question's answer
+    /// is often the turn after it). A memory must pass `min_similarity` or `min_lexical` to be
+    /// returned at all. Candidates: every memory (that `keep` accepts) below the graph size, else
+    /// the graph's and the lexical index's best, the unindexed tail, and their neighbours.
+    pub fn search_hybrid(
+        &self,
+        query: &[f32],
+        terms: &[(String, u32)],
+        k: usize,
+        params: &HybridParams,
+        keep: Option<&dyn Fn(&EntryMeta) -> bool>,
+    ) -> Vec<Ranked> {
+        if k == 0 || self.is_empty() {
+            return Vec::new();
+        }
+        let live = |position: usize| {
+            !self.removed.contains(&self.ids[position])
+                && keep.is_none_or(|keep| keep(&self.meta[position]))
+        };
+        let lexical = self.lexical.scores(terms);
+        let candidates: Vec<usize> = match (&self.graph, keep) {
+            (Some(graph), None) => {
+                let wanted = (4 * k).max(HNSW_CANDIDATES);
+                let mut picked: HashSet<usize> = graph
+                    .hnsw
+                    .search(query, wanted, HNSW_EF_SEARCH.max(wanted))
+                    .into_iter()
+                    .map(|n| n.d_id)
+                    .collect();
+                picked.extend(graph.covered..self.ids.len());
+                let mut by_lexical: Vec<usize> =
+                    (0..lexical.len()).filter(|p| lexical[*p] > 0.0).collect();
+                by_lexical.sort_by(|a, b| lexical[*b].total_cmp(&lexical[*a]));
+                picked.extend(by_lexical.into_iter().take(wanted));
+                let with_neighbours: Vec<usize> = picked
+                    .iter()
+                    .flat_map(|p| {
+                        let (previous, next) = self.neighbours[*p];
+                        [Some(*p as u32), previous, next]
+                    })
+                    .flatten()
+                    .map(|p| p as usize)
+                    .collect();
+                let mut all: Vec<usize> = with_neighbours;
+                all.sort_unstable();
+                all.dedup();
+                all.into_iter().filter(|p| live(*p)).collect()
+            }
+            _ => (0..self.ids.len()).filter(|p| live(*p)).collect(),
+        };
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let similarity: Vec<f32> = candidates
+            .iter()
+            .map(|p| dot(query, &self.vectors[p * DIM..(p + 1) * DIM]))
+            .collect();
+        let lexical_of: Vec<f32> = candidates.iter().map(|p| lexical[*p]).collect();
+        let fused = fuse(&similarity, &lexical_of, params.dense_weight);
+        // Position -> index in `candidates`, for the neighbour lift.
+        let slot: HashMap<usize, usize> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i))
+            .collect();
+        let mut ranked: Vec<Ranked> = Vec::with_capacity(candidates.len());
+        for (i, &position) in candidates.iter().enumerate() {
+            if similarity[i] < params.min_similarity && lexical_of[i] < params.min_lexical {
+                continue;
+            }
+            let (previous, next) = self.neighbours[position];
+            let lift = [previous, next]
+                .into_iter()
+                .flatten()
+                .filter_map(|p| slot.get(&(p as usize)).map(|j| fused[*j]))
+                .fold(None, |best: Option<f32>, s| {
+                    Some(best.map_or(s, |b| b.max(s)))
+                });
+            ranked.push(Ranked {
+                id: self.ids[position],
+                score: fused[i] + lift.map_or(0.0, |l| params.neighbour_weight * l),
+                similarity: similarity[i],
+                lexical: lexical_of[i],
+                previous: previous.map(|p| self.ids[p as usize]),
+            });
+        }
+        ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+        ranked.truncate(k);
+        ranked
     }
 
     fn scan(
@@ -568,6 +746,7 @@ mod tests {
                 } else {
                     Vec::new()
                 },
+                terms: Vec::new(),
             };
             index.insert_with_meta(MemoryId(i), &unit(i), meta);
         }
@@ -576,6 +755,86 @@ mod tests {
         ids.sort();
         assert_eq!(ids, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]);
         assert!(index.search_filtered(&unit(5), 0, &|_| true).is_empty());
+    }
+
+    #[test]
+    fn fusion_standardises_each_signal_before_mixing() {
+        // Scales do not matter: a tenfold lexical score changes nothing.
+        let dense = [0.9, 0.5, 0.1];
+        let lexical = [0.0, 2.0, 4.0];
+        let tenfold: Vec<f32> = lexical.iter().map(|x| x * 10.0).collect();
+        let (once, ten) = (fuse(&dense, &lexical, 0.5), fuse(&dense, &tenfold, 0.5));
+        assert!(once.iter().zip(&ten).all(|(a, b)| (a - b).abs() < 1e-5));
+        let dense_only = fuse(&dense, &lexical, 1.0);
+        assert!(dense_only[0] > dense_only[1] && dense_only[1] > dense_only[2]);
+        let lexical_only = fuse(&dense, &lexical, 0.0);
+        assert!(lexical_only[2] > lexical_only[1] && lexical_only[1] > lexical_only[0]);
+        // A constant signal adds nothing (no division by zero).
+        assert_eq!(fuse(&[0.3, 0.3], &[1.0, 2.0], 0.5)[0], -0.5);
+    }
+
+    fn meta(session: &str, text: &str) -> EntryMeta {
+        EntryMeta {
+            created_at_ms: 0,
+            session_id: Some(session.into()),
+            tags: Vec::new(),
+            terms: crate::lexical::terms(text),
+        }
+    }
+
+    const PARAMS: HybridParams = HybridParams {
+        dense_weight: 0.6,
+        neighbour_weight: 0.35,
+        min_similarity: f32::NEG_INFINITY,
+        min_lexical: f32::NEG_INFINITY,
+    };
+
+    #[test]
+    fn hybrid_ranking_uses_words_vectors_and_neighbours() {
+        let mut index = VaultIndex::new();
+        // Only the museum question and its answer share a session.
+        let texts = [
+            ("a", "we talked about the weather"),
+            ("b", "my locker code is zx81"),
+            ("c", "did you visit the museum"),
+            ("c", "yes on sunday"),
+            ("d", "the bakery sells bread"),
+        ];
+        for (i, (session, text)) in texts.iter().enumerate() {
+            index.insert_with_meta(MemoryId(i as u64), &unit(i as u64), meta(session, text));
+        }
+        // A query vector close to memory 4, with the words of memory 1.
+        let ranked =
+            index.search_hybrid(&unit(4), &crate::lexical::terms("zx81"), 5, &PARAMS, None);
+        let mut top: Vec<u64> = ranked[..2].iter().map(|r| r.id.0).collect();
+        top.sort();
+        assert_eq!(
+            top,
+            [1, 4],
+            "the vector's match and the word's match: {ranked:?}"
+        );
+        assert_eq!(ranked[0].previous, None);
+        // The short answer is lifted by the question before it.
+        let ranked =
+            index.search_hybrid(&unit(2), &crate::lexical::terms("museum"), 5, &PARAMS, None);
+        assert_eq!(ranked[0].id, MemoryId(2));
+        assert_eq!(ranked[1].id, MemoryId(3), "{ranked:?}");
+        assert_eq!(ranked[1].previous, Some(MemoryId(2)));
+        // Floors: nothing similar and no word in common is nothing at all.
+        let strict = HybridParams {
+            min_similarity: 0.99,
+            min_lexical: 0.5,
+            ..PARAMS
+        };
+        let ranked =
+            index.search_hybrid(&unit(99), &crate::lexical::terms("zx81"), 5, &strict, None);
+        let ids: Vec<u64> = ranked.iter().map(|r| r.id.0).collect();
+        assert_eq!(ids, [1]);
+        // Deleted memories are never returned.
+        index.remove(&[MemoryId(1)]);
+        let ranked =
+            index.search_hybrid(&unit(4), &crate::lexical::terms("zx81"), 5, &PARAMS, None);
+        assert!(ranked.iter().all(|r| r.id != MemoryId(1)));
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! - [`crypto`]: per-vault data keys in the keyring file, wrapped by the master key; sealing.
 //! - [`clock`]: injectable time, so expiry and grace periods are tested without sleeping.
 //! - [`embed`]: tokenizer + ONNX Runtime session on their own thread, fed by a bounded queue.
-//! - [`index`]: per-vault vector indexes (exact scan, HNSW when large), derived from the store.
+//! - [`index`]: per-vault indexes (exact scan, HNSW when large; BM25 via [`lexical`]) and the
+//!   hybrid ranking that fuses them, all derived from the store.
 //! - [`store`]: sled, the single source of truth, and the group-commit thread.
 //! - [`metrics`], [`error`], [`config`].
 //!
@@ -42,5 +43,6 @@ pub mod embed;
 pub mod error;
 pub mod http;
 pub mod index;
+pub mod lexical;
 pub mod metrics;
 pub mod store;

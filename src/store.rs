@@ -179,11 +179,13 @@ pub struct MemoryRecord {
 }
 
 impl MemoryRecord {
+    /// What the index keeps of this memory: the filter fields, and its lexical terms.
     pub fn meta(&self) -> EntryMeta {
         EntryMeta {
             created_at_ms: self.created_at_ms,
             session_id: self.session_id.clone(),
             tags: self.tags.clone(),
+            terms: crate::lexical::terms(&self.content),
         }
     }
 }
@@ -197,6 +199,9 @@ pub struct EntryMeta {
     pub session_id: Option<String>,
     #[serde(rename = "g", default)]
     pub tags: Vec<String>,
+    /// The memory's own lexical terms and counts ([`crate::lexical::terms`]).
+    #[serde(rename = "w", default)]
+    pub terms: Vec<(String, u32)>,
 }
 
 /// What an erasure removed.
@@ -1048,6 +1053,7 @@ mod tests {
             created_at_ms: 5,
             session_id: Some("s".into()),
             tags: vec!["t".into()],
+            terms: vec![("word".into(), 2)],
         };
         store
             .insert_vectors(a, &cipher(1), &[(ids[0].0, unit_vector(1), meta.clone())])

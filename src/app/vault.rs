@@ -40,8 +40,8 @@ pub struct SearchRequest {
 pub struct Found {
     pub id: MemoryId,
     pub record: MemoryRecord,
-    /// Cosine similarity to the query; none when listing.
-    pub score: Option<f32>,
+    /// The ranking score and the cosine similarity to the query; none when listing.
+    pub score: Option<(f32, f32)>,
 }
 
 pub struct SearchResult {
@@ -157,14 +157,16 @@ impl App {
                 } else {
                     Some(Box::new(move |meta: &EntryMeta| filter.accepts(meta)))
                 };
-                let recalled = self.recall(vault, vector, limit, keep).await?;
+                let recalled = self
+                    .recall(vault, &query, vector, limit, keep, false)
+                    .await?;
                 Ok(SearchResult {
                     memories: recalled
                         .into_iter()
-                        .map(|Recalled { id, record, score }| Found {
-                            id,
-                            record,
-                            score: Some(score),
+                        .map(|memory: Recalled| Found {
+                            id: memory.id,
+                            record: memory.record,
+                            score: Some((memory.score, memory.similarity)),
                         })
                         .collect(),
                     next_cursor: None,

@@ -381,10 +381,17 @@ pub struct WireMemory<'a> {
     created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    similarity: Option<f32>,
 }
 
 impl<'a> WireMemory<'a> {
-    fn new(id: MemoryId, record: &'a crate::store::MemoryRecord, score: Option<f32>) -> Self {
+    fn new(
+        id: MemoryId,
+        record: &'a crate::store::MemoryRecord,
+        score: Option<(f32, f32)>,
+    ) -> Self {
+        let round = |x: f32| (x * 10_000.0).round() / 10_000.0;
         WireMemory {
             id: id.to_string(),
             content: &record.content,
@@ -392,14 +399,19 @@ impl<'a> WireMemory<'a> {
             session_id: record.session_id.as_deref(),
             tags: &record.tags,
             created_at: rfc3339(record.created_at_ms),
-            score: score.map(|s| (s * 10_000.0).round() / 10_000.0),
+            score: score.map(|(s, _)| round(s)),
+            similarity: score.map(|(_, s)| round(s)),
         }
     }
 }
 
 impl<'a> From<&'a Recalled> for WireMemory<'a> {
     fn from(memory: &'a Recalled) -> Self {
-        WireMemory::new(memory.id, &memory.record, Some(memory.score))
+        WireMemory::new(
+            memory.id,
+            &memory.record,
+            Some((memory.score, memory.similarity)),
+        )
     }
 }
 
