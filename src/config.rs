@@ -179,8 +179,9 @@ pub struct Flags {
     /// Share of a memory's best session neighbour's score added to its own.
     #[arg(long, env = "MEMORY_SIDECAR_NEIGHBOUR_WEIGHT", default_value_t = 0.35)]
     pub neighbour_weight: f32,
-    /// Added to the score of memories from the request's own session when ranking.
-    #[arg(long, env = "MEMORY_SIDECAR_SESSION_BOOST", default_value_t = 0.05)]
+    /// Added to the ranking score (in standard deviations) of memories from the request's own
+    /// session.
+    #[arg(long, env = "MEMORY_SIDECAR_SESSION_BOOST", default_value_t = 0.25)]
     pub session_boost: f32,
     /// A query shorter than this many words is joined with the messages before it.
     #[arg(long, env = "MEMORY_SIDECAR_SHORT_QUERY_WORDS", default_value_t = 8)]

@@ -175,7 +175,7 @@ fn session_memories_rank_first_and_other_sessions_are_searched_too() {
     let in_two = first_id(&daemon.ingest(
         &key,
         Some("s-2"),
-        json!([user("My favourite colour is green!")]),
+        json!([user("My favourite colour is green, I think.")]),
     ));
     daemon.wait_indexed();
 
