@@ -280,14 +280,12 @@ fn main() {
                 recalls[slot] = found as f64 / question.evidence.len() as f64;
                 tokens[slot] += answer["tokens"].as_f64().unwrap_or(0.0);
             }
-            for slot in 0..KS.len() {
-                totals[slot] += recalls[slot];
-            }
             let entry = per_category
                 .entry(question.category)
                 .or_insert(([0.0; KS.len()], 0));
-            for slot in 0..KS.len() {
-                entry.0[slot] += recalls[slot];
+            for (slot, recall) in recalls.iter().enumerate() {
+                totals[slot] += recall;
+                entry.0[slot] += recall;
             }
             entry.1 += 1;
             asked += 1;
