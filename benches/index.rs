@@ -1,11 +1,12 @@
-//! Vector search latency by vault size: exact scan against HNSW. `cargo bench --bench index`.
+//! Search latency by vault size: exact scan against HNSW, and the hybrid ranking prepare uses
+//! (exact scan + BM25 over session windows + fusion). `cargo bench --bench index`.
 //! Also prints HNSW recall@10 against the exact scan, so speed is not bought with misses.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memory_sidecar::index::VaultIndex;
-use memory_sidecar::store::{MemoryId, DIM};
+use memory_sidecar::index::{HybridParams, VaultIndex};
+use memory_sidecar::store::{EntryMeta, MemoryId, DIM};
 
 /// Deterministic pseudo-random unit vectors, clustered a little like real sentence embeddings
 /// (a shared component plus noise), so that neighbours are not all equidistant.
@@ -31,6 +32,12 @@ fn vectors(count: usize, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// A word of a 5,000-word vocabulary, with a skew (low ranks are common, as in text).
+fn word(seed: usize) -> String {
+    let rank = (seed.wrapping_mul(2654435761) % 5000) * (seed % 7 + 1) / 7;
+    format!("w{rank}")
+}
+
 fn bench(c: &mut Criterion) {
     let queries = vectors(64, 99);
     let mut group = c.benchmark_group("search_top10");
@@ -48,12 +55,43 @@ fn bench(c: &mut Criterion) {
                 vec![1_000, 5_000, 10_000, 20_000, 50_000]
             }
         });
+    let params = HybridParams {
+        dense_weight: 0.6,
+        neighbour_weight: 0.35,
+        min_similarity: 0.25,
+        min_lexical: 1.0,
+    };
+    let query_terms: Vec<Vec<(String, u32)>> = (0..64)
+        .map(|i| {
+            vec![
+                (word(i * 7), 1),
+                (word(i * 13 + 5), 1),
+                (word(i * 31 + 2), 1),
+            ]
+        })
+        .collect();
     for size in sizes {
         let mut index = VaultIndex::new();
         for (i, v) in vectors(size, size as u64).iter().enumerate() {
-            index.insert(MemoryId(i as u64), v);
+            // Sessions of 20 turns, 8-15 terms each from a 5,000-word vocabulary.
+            let terms = (0..8 + i % 8)
+                .map(|j| (word(i * 17 + j * 101), 1))
+                .collect();
+            let meta = EntryMeta {
+                session_id: Some(format!("s{}", i / 20)),
+                terms,
+                ..EntryMeta::default()
+            };
+            index.insert_with_meta(MemoryId(i as u64), v, meta);
         }
         let mut q = 0;
+        group.bench_with_input(BenchmarkId::new("hybrid", size), &index, |b, index| {
+            b.iter(|| {
+                q += 1;
+                let at = q % queries.len();
+                index.search_hybrid(&queries[at], &query_terms[at], 10, &params, None)
+            })
+        });
         group.bench_with_input(BenchmarkId::new("exact", size), &index, |b, index| {
             b.iter(|| {
                 q += 1;

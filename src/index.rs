@@ -307,12 +307,15 @@ impl VaultIndex {
             .collect();
         let lexical_of: Vec<f32> = candidates.iter().map(|p| lexical[*p]).collect();
         let fused = fuse(&similarity, &lexical_of, params.dense_weight);
-        // Position -> index in `candidates`, for the neighbour lift.
-        let slot: HashMap<usize, usize> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (*p, i))
-            .collect();
+        // Position -> index in `candidates` (u32::MAX: not a candidate), for the neighbour lift.
+        let mut slot = vec![u32::MAX; self.ids.len()];
+        for (i, p) in candidates.iter().enumerate() {
+            slot[*p] = i as u32;
+        }
+        let fused_at = |position: u32| match slot[position as usize] {
+            u32::MAX => None,
+            i => Some(fused[i as usize]),
+        };
         let mut ranked: Vec<Ranked> = Vec::with_capacity(candidates.len());
         for (i, &position) in candidates.iter().enumerate() {
             if similarity[i] < params.min_similarity && lexical_of[i] < params.min_lexical {
@@ -322,7 +325,7 @@ impl VaultIndex {
             let lift = [previous, next]
                 .into_iter()
                 .flatten()
-                .filter_map(|p| slot.get(&(p as usize)).map(|j| fused[*j]))
+                .filter_map(fused_at)
                 .fold(None, |best: Option<f32>, s| {
                     Some(best.map_or(s, |b| b.max(s)))
                 });
@@ -333,6 +336,11 @@ impl VaultIndex {
                 lexical: lexical_of[i],
                 previous: previous.map(|p| self.ids[p as usize]),
             });
+        }
+        // The best k first, without sorting the whole vault.
+        if ranked.len() > k {
+            ranked.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score));
+            ranked.truncate(k);
         }
         ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
         ranked.truncate(k);
