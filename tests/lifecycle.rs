@@ -1054,7 +1054,18 @@ fn an_erasure_cut_short_is_finished_at_the_next_start() {
     // As if the daemon died right after making the erasure mark durable.
     {
         use memory_sidecar::store::Store;
-        let store = Store::open(&dir.path().join("store"), 1 << 20).unwrap();
+        // sled lets go of its file lock when its background flusher notices the close.
+        let started = std::time::Instant::now();
+        let store = loop {
+            match Store::open(&dir.path().join("store"), 1 << 20) {
+                Ok(store) => break store,
+                Err(error) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                    let _ = error;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(error) => panic!("{error:#}"),
+            }
+        };
         let vault = info["vault_id"].as_str().unwrap().parse().unwrap();
         let mut record = store.vault(vault).unwrap().unwrap();
         record.erasing = true;

@@ -334,14 +334,27 @@ impl InProcess {
             .validate()
             .unwrap();
         let clock = Arc::new(memory_sidecar::clock::ManualClock::new(CLOCK_START_MS));
-        let app = memory_sidecar::app::App::open(
-            config,
-            memory_sidecar::auth::AdminKey::new(ADMIN_KEY).unwrap(),
-            memory_sidecar::crypto::MasterKey::from_hex(MASTER_KEY).unwrap(),
-            memory_sidecar::metrics::Metrics::new().unwrap(),
-            clock.clone(),
-        )
-        .unwrap();
+        // A store closed a moment ago may still be locked until sled's flusher lets go.
+        let started = Instant::now();
+        let app = loop {
+            let opened = memory_sidecar::app::App::open(
+                config.clone(),
+                memory_sidecar::auth::AdminKey::new(ADMIN_KEY).unwrap(),
+                memory_sidecar::crypto::MasterKey::from_hex(MASTER_KEY).unwrap(),
+                memory_sidecar::metrics::Metrics::new().unwrap(),
+                clock.clone(),
+            );
+            match opened {
+                Ok(app) => break app,
+                Err(error)
+                    if format!("{error:#}").contains("could not acquire lock")
+                        && started.elapsed() < DEADLINE =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => panic!("{error:#}"),
+            }
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
