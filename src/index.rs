@@ -29,6 +29,9 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// Memories without a session are chained only when this close in time (30 minutes).
+const SESSIONLESS_GAP_MS: i64 = 30 * 60 * 1000;
+
 /// Dense candidates the hybrid ranking takes from an HNSW graph, at least.
 const HNSW_CANDIDATES: usize = 256;
 
@@ -108,6 +111,8 @@ pub struct VaultIndex {
     neighbours: Vec<(Option<u32>, Option<u32>)>,
     /// The latest position of each session (no session counts as one).
     last_in_session: HashMap<Option<String>, u32>,
+    /// Memory id -> position.
+    positions: HashMap<MemoryId, u32>,
     graph: Option<Graph>,
     building: bool,
 }
@@ -129,6 +134,7 @@ impl VaultIndex {
             lexical: LexicalIndex::default(),
             neighbours: Vec::new(),
             last_in_session: HashMap::new(),
+            positions: HashMap::new(),
             graph: None,
             building: false,
         }
@@ -162,8 +168,15 @@ impl VaultIndex {
         let position = self.ids.len() as u32;
         let previous = self
             .last_in_session
-            .insert(meta.session_id.clone(), position);
+            .insert(meta.session_id.clone(), position)
+            // Without a session, only memories close in time are taken to be one conversation.
+            .filter(|p| {
+                meta.session_id.is_some()
+                    || (meta.created_at_ms - self.meta[*p as usize].created_at_ms).abs()
+                        <= SESSIONLESS_GAP_MS
+            });
         self.lexical.push(&meta.terms, previous.map(|p| p as usize));
+        self.positions.insert(id, position);
         if let Some(previous) = previous {
             self.neighbours[previous as usize].1 = Some(position);
         }
@@ -179,9 +192,29 @@ impl VaultIndex {
     pub fn remove(&mut self, ids: &[MemoryId]) {
         for id in ids {
             // Marked even if not present yet: an embedding under way must not bring it back.
-            if !self.present.insert(*id) {
-                self.removed.insert(*id);
+            if self.present.insert(*id) || !self.removed.insert(*id) {
+                continue;
             }
+            let Some(&position) = self.positions.get(id) else {
+                continue;
+            };
+            // Its session neighbours become each other's, as a fresh load would link them.
+            let (previous, next) = self.neighbours[position as usize];
+            if let Some(previous) = previous {
+                self.neighbours[previous as usize].1 = next;
+            }
+            if let Some(next) = next {
+                self.neighbours[next as usize].0 = previous;
+            }
+            self.neighbours[position as usize] = (None, None);
+            let session = self.meta[position as usize].session_id.clone();
+            if self.last_in_session.get(&session) == Some(&position) {
+                match previous {
+                    Some(previous) => self.last_in_session.insert(session, previous),
+                    None => self.last_in_session.remove(&session),
+                };
+            }
+            self.lexical.remove(position as usize);
         }
     }
 
@@ -280,8 +313,13 @@ impl VaultIndex {
                 picked.extend(graph.covered..self.ids.len());
                 let mut by_lexical: Vec<usize> =
                     (0..lexical.len()).filter(|p| lexical[*p] > 0.0).collect();
-                by_lexical.sort_by(|a, b| lexical[*b].total_cmp(&lexical[*a]));
-                picked.extend(by_lexical.into_iter().take(wanted));
+                if by_lexical.len() > wanted {
+                    by_lexical.select_nth_unstable_by(wanted - 1, |a, b| {
+                        lexical[*b].total_cmp(&lexical[*a])
+                    });
+                    by_lexical.truncate(wanted);
+                }
+                picked.extend(by_lexical);
                 let with_neighbours: Vec<usize> = picked
                     .iter()
                     .flat_map(|p| {
@@ -294,7 +332,13 @@ impl VaultIndex {
                 let mut all: Vec<usize> = with_neighbours;
                 all.sort_unstable();
                 all.dedup();
-                all.into_iter().filter(|p| live(*p)).collect()
+                let live_candidates: Vec<usize> = all.into_iter().filter(|p| live(*p)).collect();
+                if live_candidates.len() < k.min(self.len()) {
+                    // Deleted memories crowded the graph's answer: rank the whole vault.
+                    (0..self.ids.len()).filter(|p| live(*p)).collect()
+                } else {
+                    live_candidates
+                }
             }
             _ => (0..self.ids.len()).filter(|p| live(*p)).collect(),
         };
@@ -331,10 +375,13 @@ impl VaultIndex {
                 });
             ranked.push(Ranked {
                 id: self.ids[position],
-                score: fused[i] + lift.map_or(0.0, |l| params.neighbour_weight * l),
+                // Only ever a lift: a weak neighbour must not sink a memory below one without.
+                score: fused[i] + lift.map_or(0.0, |l| params.neighbour_weight * l.max(0.0)),
                 similarity: similarity[i],
                 lexical: lexical_of[i],
-                previous: previous.map(|p| self.ids[p as usize]),
+                previous: previous
+                    .filter(|p| live(*p as usize))
+                    .map(|p| self.ids[p as usize]),
             });
         }
         // The best k first, without sorting the whole vault.
@@ -650,7 +697,13 @@ impl Indexes {
 
 fn load(store: &Store, vault: VaultId, cipher: &VaultCipher) -> anyhow::Result<VaultIndex> {
     let mut index = VaultIndex::new();
-    for (id, vector, meta) in store.vault_vectors(vault, cipher)? {
+    for (id, vector, mut meta) in store.vault_vectors(vault, cipher)? {
+        if meta.terms.is_empty() {
+            // Stored without its terms (or it has none): derived again from the text.
+            if let Some(record) = store.memory(vault, cipher, id)? {
+                meta.terms = crate::lexical::terms(&record.content);
+            }
+        }
         index.insert_with_meta(id, &vector, meta);
     }
     Ok(index)
@@ -844,6 +897,43 @@ mod tests {
         let ranked =
             index.search_hybrid(&unit(4), &crate::lexical::terms("zx81"), 5, &PARAMS, None);
         assert!(ranked.iter().all(|r| r.id != MemoryId(1)));
+    }
+
+    #[test]
+    fn session_chains_skip_deleted_memories_and_long_silences() {
+        let at = |minutes: i64, text: &str| EntryMeta {
+            created_at_ms: minutes * 60_000,
+            session_id: None,
+            tags: Vec::new(),
+            terms: crate::lexical::terms(text),
+        };
+        let mut index = VaultIndex::new();
+        index.insert_with_meta(MemoryId(0), &unit(0), at(0, "pottery workshop"));
+        index.insert_with_meta(MemoryId(1), &unit(1), at(1, "zx81"));
+        index.insert_with_meta(MemoryId(2), &unit(2), at(2, "last tuesday"));
+        index.insert_with_meta(MemoryId(3), &unit(3), at(300, "much later"));
+        let previous_of = |index: &VaultIndex, id: u64| {
+            index
+                .search_hybrid(&unit(id), &[], 10, &PARAMS, None)
+                .into_iter()
+                .find(|r| r.id == MemoryId(id))
+                .and_then(|r| r.previous)
+        };
+        assert_eq!(previous_of(&index, 1), Some(MemoryId(0)));
+        assert_eq!(
+            previous_of(&index, 3),
+            None,
+            "five hours later is another conversation"
+        );
+        index.remove(&[MemoryId(1)]);
+        assert_eq!(
+            previous_of(&index, 2),
+            Some(MemoryId(0)),
+            "relinked past the deleted one"
+        );
+        let terms = crate::lexical::terms("zx81");
+        let ranked = index.search_hybrid(&unit(9), &terms, 10, &PARAMS, None);
+        assert!(ranked.iter().all(|r| r.lexical == 0.0), "{ranked:?}");
     }
 
     #[test]

@@ -46,21 +46,30 @@ fn is_stop_word(word: &str) -> bool {
 /// A text's terms with their counts, in first-seen order.
 pub fn terms(text: &str) -> Vec<(String, u32)> {
     let mut counts: Vec<(String, u32)> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     let lower = text.to_lowercase();
     for word in lower.split(|c: char| !c.is_alphanumeric()) {
         if word.is_empty() || word.chars().count() > MAX_TERM_CHARS || is_stop_word(word) {
             continue;
         }
         let stem = stemmer().stem(word).into_owned();
-        match counts.iter_mut().find(|(term, _)| *term == stem) {
-            Some((_, count)) => *count += 1,
-            None => counts.push((stem, 1)),
+        match seen.get(&stem) {
+            Some(&at) => counts[at].1 += 1,
+            None => {
+                seen.insert(stem.clone(), counts.len());
+                counts.push((stem, 1));
+            }
         }
     }
     counts
 }
 
 /// A BM25 index over the windows of one vault's memories, addressed by position.
+///
+/// A position's window is its own terms plus those of its previous and next position in the
+/// chain its caller gives (the memory's session). Removing a position takes its terms out of its
+/// neighbours' windows and joins the neighbours to each other, so the index stays what a fresh
+/// load of the remaining memories would build.
 #[derive(Default)]
 pub struct LexicalIndex {
     /// Term -> dense term id.
@@ -69,12 +78,16 @@ pub struct LexicalIndex {
     postings: Vec<Vec<(u32, u32)>>,
     /// Each position's own terms (ids and counts), to extend its neighbours' windows.
     own: Vec<Vec<(u32, u32)>>,
+    /// Each position's previous and next position in its chain.
+    links: Vec<(Option<u32>, Option<u32>)>,
     /// Each position's window length in terms.
     window_len: Vec<u32>,
     total_len: u64,
+    removed: usize,
 }
 
 impl LexicalIndex {
+    /// Positions held, removed ones included.
     pub fn len(&self) -> usize {
         self.own.len()
     }
@@ -84,37 +97,113 @@ impl LexicalIndex {
     }
 
     /// Adds the next position with its own terms. `previous` is the position of the memory
-    /// before it in the same session, if any: each joins the other's window.
+    /// before it in the same session, if any (it must have no next yet): each joins the other's
+    /// window.
     pub fn push(&mut self, terms: &[(String, u32)], previous: Option<usize>) {
         let position = self.own.len() as u32;
         let own: Vec<(u32, u32)> = terms
             .iter()
             .map(|(term, count)| (self.term_id(term), *count))
             .collect();
-        let mut window: Vec<(u32, u32)> = own.clone();
+        // The new window: its own terms and its previous'. Built here, then appended to the
+        // postings without searching them (a common term's list is long).
+        let mut window = own.clone();
         if let Some(previous) = previous {
             for &(term, count) in &self.own[previous] {
-                add_count(&mut window, term, count);
-            }
-            // The previous memory's window gains this one's terms.
-            for &(term, count) in &own {
-                let list = &mut self.postings[term as usize];
-                match list.iter_mut().rev().find(|(p, _)| *p == previous as u32) {
+                match window.iter_mut().find(|(t, _)| *t == term) {
                     Some((_, c)) => *c += count,
-                    None => list.push((previous as u32, count)),
+                    None => window.push((term, count)),
                 }
             }
-            let added: u32 = own.iter().map(|(_, c)| c).sum();
-            self.window_len[previous] += added;
-            self.total_len += u64::from(added);
         }
+        let mut length = 0;
         for &(term, count) in &window {
             self.postings[term as usize].push((position, count));
+            length += count;
         }
-        let len: u32 = window.iter().map(|(_, c)| c).sum();
-        self.window_len.push(len);
-        self.total_len += u64::from(len);
-        self.own.push(own);
+        self.own.push(own.clone());
+        self.links.push((previous.map(|p| p as u32), None));
+        self.window_len.push(length);
+        self.total_len += u64::from(length);
+        if let Some(previous) = previous {
+            self.links[previous].1 = Some(position);
+            // Terms new to the previous window are appended without searching their postings
+            // (a common term's list is long): its window is its own terms and its previous'.
+            let before = self.links[previous].0;
+            for &(term, count) in &own {
+                let known = self.own[previous]
+                    .iter()
+                    .chain(before.map_or(&[][..], |b| &self.own[b as usize][..]))
+                    .any(|(t, _)| *t == term);
+                if known {
+                    self.adjust(previous as u32, term, count as i64);
+                } else {
+                    self.postings[term as usize].push((previous as u32, count));
+                    self.window_len[previous] += count;
+                    self.total_len += u64::from(count);
+                }
+            }
+        }
+    }
+
+    /// Takes a position out: its window is emptied, its terms leave its neighbours' windows,
+    /// and its neighbours become each other's.
+    pub fn remove(&mut self, position: usize) {
+        let Some(&(previous, next)) = self.links.get(position) else {
+            return;
+        };
+        let position = position as u32;
+        // Its own window: its terms and its neighbours'.
+        let mut window = self.own[position as usize].clone();
+        for neighbour in [previous, next].into_iter().flatten() {
+            window.extend(self.own[neighbour as usize].iter().copied());
+        }
+        for (term, count) in window {
+            self.adjust(position, term, -(count as i64));
+        }
+        let own = std::mem::take(&mut self.own[position as usize]);
+        for neighbour in [previous, next].into_iter().flatten() {
+            for &(term, count) in &own {
+                self.adjust(neighbour, term, -(count as i64));
+            }
+        }
+        if let (Some(previous), Some(next)) = (previous, next) {
+            for &(term, count) in &self.own[next as usize].clone() {
+                self.adjust(previous, term, count as i64);
+            }
+            for &(term, count) in &self.own[previous as usize].clone() {
+                self.adjust(next, term, count as i64);
+            }
+        }
+        if let Some(previous) = previous {
+            self.links[previous as usize].1 = next;
+        }
+        if let Some(next) = next {
+            self.links[next as usize].0 = previous;
+        }
+        self.links[position as usize] = (None, None);
+        self.removed += 1;
+    }
+
+    /// Adds `delta` to `term`'s count in `position`'s window, creating or dropping its posting.
+    fn adjust(&mut self, position: u32, term: u32, delta: i64) {
+        let list = &mut self.postings[term as usize];
+        // Recent positions sit at the end of each list: search from there.
+        match list.iter().rposition(|(p, _)| *p == position) {
+            Some(at) => {
+                let count = (i64::from(list[at].1) + delta).max(0) as u32;
+                if count == 0 {
+                    list.swap_remove(at);
+                } else {
+                    list[at].1 = count;
+                }
+            }
+            None if delta > 0 => list.push((position, delta as u32)),
+            None => return,
+        }
+        let length = &mut self.window_len[position as usize];
+        *length = (i64::from(*length) + delta).max(0) as u32;
+        self.total_len = (self.total_len as i64 + delta).max(0) as u64;
     }
 
     fn term_id(&mut self, term: &str) -> u32 {
@@ -130,10 +219,10 @@ impl LexicalIndex {
     /// BM25 scores of every position for the query terms (0 where none matches).
     pub fn scores(&self, query: &[(String, u32)]) -> Vec<f32> {
         let mut scores = vec![0f32; self.own.len()];
-        if self.own.is_empty() {
+        let documents = (self.own.len() - self.removed) as f32;
+        if documents == 0.0 {
             return scores;
         }
-        let documents = self.own.len() as f32;
         let average = (self.total_len as f32 / documents).max(1.0);
         for (term, _) in query {
             let Some(&id) = self.ids.get(term) else {
@@ -150,13 +239,6 @@ impl LexicalIndex {
             }
         }
         scores
-    }
-}
-
-fn add_count(counts: &mut Vec<(u32, u32)>, term: u32, count: u32) {
-    match counts.iter_mut().find(|(t, _)| *t == term) {
-        Some((_, c)) => *c += count,
-        None => counts.push((term, count)),
     }
 }
 
@@ -206,6 +288,37 @@ mod tests {
         assert_eq!(scores[2], 0.0);
         // And the question gains the answer's words.
         assert!(index.scores(&terms("tuesday"))[0] > 0.0);
+    }
+
+    #[test]
+    fn removing_a_turn_leaves_what_a_fresh_index_would_hold() {
+        let texts = [
+            "Did you go to the pottery workshop?",
+            "zx81 is my code",
+            "Yes, last Tuesday!",
+        ];
+        let mut index = LexicalIndex::default();
+        for (i, text) in texts.iter().enumerate() {
+            index.push(&terms(text), i.checked_sub(1));
+        }
+        index.remove(1);
+        let mut fresh = LexicalIndex::default();
+        fresh.push(&terms(texts[0]), None);
+        fresh.push(&[], Some(0)); // a placeholder at the removed position...
+        fresh.remove(1); // ...removed the same way, so positions line up
+        fresh.push(&terms(texts[2]), Some(0));
+        for query in ["zx81", "pottery workshop", "tuesday"] {
+            let (got, want) = (index.scores(&terms(query)), fresh.scores(&terms(query)));
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{query}: {got:?} vs {want:?}");
+            }
+        }
+        assert!(index.scores(&terms("zx81")).iter().all(|s| *s == 0.0));
+        assert!(
+            index.scores(&terms("tuesday"))[0] > 0.0,
+            "the neighbours now join up"
+        );
     }
 
     #[test]

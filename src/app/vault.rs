@@ -100,12 +100,16 @@ impl Filter {
     }
 
     fn accepts(&self, meta: &EntryMeta) -> bool {
+        self.accepts_fields(meta.created_at_ms, meta.session_id.as_deref(), &meta.tags)
+    }
+
+    fn accepts_fields(&self, created_at_ms: i64, session: Option<&str>, tags: &[String]) -> bool {
         self.session_id
-            .as_ref()
-            .is_none_or(|s| meta.session_id.as_ref() == Some(s))
-            && self.tags.iter().all(|t| meta.tags.contains(t))
-            && self.since_ms.is_none_or(|at| meta.created_at_ms >= at)
-            && self.until_ms.is_none_or(|at| meta.created_at_ms < at)
+            .as_deref()
+            .is_none_or(|s| session == Some(s))
+            && self.tags.iter().all(|t| tags.contains(t))
+            && self.since_ms.is_none_or(|at| created_at_ms >= at)
+            && self.until_ms.is_none_or(|at| created_at_ms < at)
     }
 }
 
@@ -187,7 +191,11 @@ impl App {
                 let (page, next) = tokio::task::spawn_blocking(move || {
                     let _shared = shared;
                     store.memories_page(vault, &cipher, cursor, limit, |record| {
-                        filter.accepts(&record.meta())
+                        filter.accepts_fields(
+                            record.created_at_ms,
+                            record.session_id.as_deref(),
+                            &record.tags,
+                        )
                     })
                 })
                 .await
