@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::corpus::{ms, peak_rss_mb, percentile, sentence, Rng, PEOPLE, THINGS};
 use common::{Conn, Daemon};
 use serde_json::json;
 
@@ -73,127 +74,6 @@ fn options() -> Options {
         i += 2;
     }
     options
-}
-
-/// A small deterministic generator (xorshift), so runs are comparable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() % items.len() as u64) as usize]
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-const PEOPLE: &[&str] = &[
-    "my sister",
-    "my manager",
-    "Ana",
-    "our neighbour",
-    "my dad",
-    "a friend from school",
-    "the dentist",
-    "my partner",
-];
-const VERBS: &[&str] = &[
-    "recommended",
-    "booked",
-    "cancelled",
-    "talked about",
-    "finally finished",
-    "complained about",
-    "bought",
-    "forgot",
-];
-const THINGS: &[&str] = &[
-    "a weekend trip to Porto",
-    "the quarterly budget report",
-    "a new road bike",
-    "the pottery class on Thursdays",
-    "tickets for the jazz festival",
-    "a vegetarian lasagne recipe",
-    "the broken dishwasher",
-    "a book about Roman history",
-    "the kids' swimming lessons",
-    "a second-hand piano",
-    "the flat viewing on Elm Street",
-    "a cheaper phone plan",
-];
-const WHEN: &[&str] = &[
-    "yesterday",
-    "last Tuesday",
-    "this morning",
-    "two weeks ago",
-    "over the holidays",
-    "after work",
-    "on Sunday",
-];
-const FEELINGS: &[&str] = &[
-    "and I was relieved",
-    "which annoyed me a bit",
-    "and I'm excited about it",
-    "so I need to follow up",
-    "but nobody else cared",
-];
-
-/// One sentence of 8 to 40 words.
-fn sentence(rng: &mut Rng) -> String {
-    let mut text = format!(
-        "{} {} {} {}",
-        rng.pick(PEOPLE),
-        rng.pick(VERBS),
-        rng.pick(THINGS),
-        rng.pick(WHEN)
-    );
-    if rng.unit() < 0.5 {
-        text.push_str(&format!(", {}", rng.pick(FEELINGS)));
-    }
-    if rng.unit() < 0.3 {
-        text.push_str(&format!(
-            ", and {} {} {}",
-            rng.pick(PEOPLE),
-            rng.pick(VERBS),
-            rng.pick(THINGS)
-        ));
-    }
-    let mut chars = text.chars();
-    let first = chars
-        .next()
-        .map(|c| c.to_uppercase().to_string())
-        .unwrap_or_default();
-    format!("{first}{}.", chars.as_str())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn main() {

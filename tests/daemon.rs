@@ -441,7 +441,11 @@ fn every_error_has_its_status_and_code() {
 #[test]
 fn past_the_inflight_limit_requests_get_429() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &["--max-inflight", "1"]);
+    // No per-key rate limit: the loop below may send many requests before the slot is taken.
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--max-inflight", "1", "--key-rate-per-second", "0"],
+    );
     let key = daemon.mint_key("user:busy");
     let body = json!({"messages": [user("what do I like?")]}).to_string();
 

@@ -283,3 +283,59 @@ fn random_input_everywhere_gets_a_stable_error_and_never_a_500() {
     assert_eq!(answer["stored"], 1);
     assert!(!daemon.stderr().contains("panicked"), "{}", daemon.stderr());
 }
+
+#[test]
+fn slow_bodies_and_idle_floods_are_cut_off_by_their_limits() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--max-connections",
+            "8",
+            "--header-timeout-ms",
+            "400",
+            "--request-timeout-ms",
+            "1000",
+        ],
+    );
+    let key = daemon.mint_key("user:slow");
+
+    // A body that stops arriving is answered when the request time runs out.
+    let mut slow = TcpStream::connect(daemon.addr).unwrap();
+    let head = format!(
+        "POST /v1/memory/ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"messages\""
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let response = common::read_response(&mut slow).expect("an answer, not a hang");
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (503, "timeout"),
+        "{}",
+        response.text()
+    );
+
+    // Forty silent connections against a limit of eight: each is cut at the header timeout, and
+    // a real client queued behind them is served once they are.
+    let idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(daemon.addr).unwrap())
+        .collect();
+    let answer = daemon.request("GET", "/healthz", &[], b"");
+    assert_eq!(answer.status, 200);
+    for mut stream in idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        assert!(
+            stream.read_to_end(&mut rest).is_ok(),
+            "an idle connection was never closed"
+        );
+    }
+    assert_eq!(daemon.request("GET", "/readyz", &[], b"").status, 200);
+}
