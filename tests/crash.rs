@@ -44,6 +44,7 @@ struct Vault {
     victim_maybe_revoked: bool,
 }
 
+/// A call whose answer may never come (the daemon is killed): `None` then.
 fn call(
     client: &Client,
     method: &str,
@@ -52,17 +53,7 @@ fn call(
     session: Option<&str>,
     body: Option<&Value>,
 ) -> Option<(u16, Value)> {
-    let auth = format!("Bearer {key}");
-    let mut headers = vec![("Authorization", auth.as_str())];
-    if body.is_some() {
-        headers.push(("Content-Type", "application/json"));
-    }
-    if let Some(session) = session {
-        headers.push(("X-Session-ID", session));
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let response =
-        common::try_request(client.addr, method, path, &headers, body.as_bytes()).ok()?;
+    let response = client.try_call(method, path, key, session, body).ok()?;
     let json = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     Some((response.status, json))
 }
@@ -302,14 +293,8 @@ fn verify(daemon: &Daemon, vaults: &mut [Vault], seed: u64, cycle: usize) {
 
 #[test]
 fn acknowledged_writes_survive_kill_9_at_random_moments() {
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261123);
-    let cycles: usize = std::env::var("CRASH_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seed: u64 = common::env_or("CRASH_SEED", 20261123);
+    let cycles: usize = common::env_or("CRASH_CYCLES", 3);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let args = ["--key-rate-per-second", "0"];

@@ -178,14 +178,8 @@ fn random_header(rng: &mut StdRng, key: &str) -> String {
 
 #[test]
 fn random_input_everywhere_gets_a_stable_error_and_never_a_500() {
-    let seed: u64 = std::env::var("HOSTILE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261123);
-    let cases: usize = std::env::var("HOSTILE_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(400);
+    let seed: u64 = common::env_or("HOSTILE_SEED", 20261123);
+    let cases: usize = common::env_or("HOSTILE_CASES", 400);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(

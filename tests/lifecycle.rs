@@ -13,26 +13,6 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 impl Client {
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        key: &str,
-        session: Option<&str>,
-        body: Option<&Value>,
-    ) -> Response {
-        let auth = format!("Bearer {key}");
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if body.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        if let Some(session) = session {
-            headers.push(("X-Session-ID", session));
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        self.request(method, path, &headers, body.as_bytes())
-    }
-
     /// Mints a key as the admin; returns the key and its `key_info`.
     fn mint(&self, body: Value) -> (String, Value) {
         self.mint_as(ADMIN_KEY, body)
@@ -313,10 +293,7 @@ fn every_endpoint_checks_every_scope_and_mode() {
 
 #[test]
 fn randomised_vaults_never_cross_and_deleting_one_leaves_the_others_identical() {
-    let seed: u64 = std::env::var("ISOLATION_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261123);
+    let seed: u64 = common::env_or("ISOLATION_SEED", 20261123);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     // No request rate limit here: the export loops are fast.

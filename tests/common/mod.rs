@@ -188,7 +188,50 @@ impl Daemon {
     }
 }
 
+/// A number from the environment, or `default` when it is unset or not a number (seeds and
+/// sizes of the randomised tests).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 impl Client {
+    /// A request with a memory or admin key, an optional session and an optional JSON body.
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        session: Option<&str>,
+        body: Option<&Value>,
+    ) -> std::io::Result<Response> {
+        let auth = format!("Bearer {key}");
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        if let Some(session) = session {
+            headers.push(("X-Session-ID", session));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        try_request(self.addr, method, path, &headers, body.as_bytes())
+    }
+
+    /// [`Client::try_call`], for a daemon that is up.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        session: Option<&str>,
+        body: Option<&Value>,
+    ) -> Response {
+        self.try_call(method, path, key, session, body)
+            .expect("HTTP request")
+    }
+
     pub fn wait_ready(&self) {
         let started = Instant::now();
         loop {
