@@ -288,6 +288,16 @@ impl MemoryAccess {
         self.scopes.contains(&scope)
     }
 
+    /// Refuses the call unless the key holds `scope`, whatever its suffix (prepare and ingest,
+    /// where a suffix turns the operation off instead of refusing it).
+    pub fn require_held(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.has_scope(scope) {
+            Ok(())
+        } else {
+            self.require(scope)
+        }
+    }
+
     /// Refuses the call unless the key holds `scope` and its suffix leaves it in place.
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
         if !self.has_scope(scope) {

@@ -247,7 +247,7 @@ impl VaultIndex {
         if self.graph.is_some() && hits.len() < k.min(self.len()) {
             // Deleted memories crowded the graph's answer: scan everything instead.
             hits.clear();
-            self.scan(query, 0, k, &mut hits, |_| true);
+            self.scan(query, 0, k, &mut hits);
             return hits;
         }
         if self.removed.is_empty() {
@@ -259,22 +259,7 @@ impl VaultIndex {
                 &mut hits,
             );
         } else {
-            self.scan(query, scan_from, k, &mut hits, |_| true);
-        }
-        hits
-    }
-
-    /// The `k` most similar memories among those whose metadata `keep` accepts: an exact scan
-    /// of the whole vault, so a rare filter value is never missed the way a graph search could.
-    pub fn search_filtered(
-        &self,
-        query: &[f32],
-        k: usize,
-        keep: &dyn Fn(&EntryMeta) -> bool,
-    ) -> Vec<Hit> {
-        let mut hits = Vec::new();
-        if k > 0 {
-            self.scan(query, 0, k, &mut hits, keep);
+            self.scan(query, scan_from, k, &mut hits);
         }
         hits
     }
@@ -394,17 +379,11 @@ impl VaultIndex {
         ranked
     }
 
-    fn scan(
-        &self,
-        query: &[f32],
-        from: usize,
-        k: usize,
-        hits: &mut Vec<Hit>,
-        keep: impl Fn(&EntryMeta) -> bool,
-    ) {
+    /// Exact scan of positions `from..`, skipping deleted memories, merged into `hits`.
+    fn scan(&self, query: &[f32], from: usize, k: usize, hits: &mut Vec<Hit>) {
         for position in from..self.ids.len() {
             let id = self.ids[position];
-            if self.removed.contains(&id) || !keep(&self.meta[position]) {
+            if self.removed.contains(&id) {
                 continue;
             }
             let vector = &self.vectors[position * DIM..(position + 1) * DIM];
@@ -810,11 +789,14 @@ mod tests {
             };
             index.insert_with_meta(MemoryId(i), &unit(i), meta);
         }
-        let hits = index.search_filtered(&unit(5), 20, &|m| m.tags.iter().any(|t| t == "rare"));
+        let rare = |m: &EntryMeta| m.tags.iter().any(|t| t == "rare");
+        let hits = index.search_hybrid(&unit(5), &[], 20, &PARAMS, Some(&rare));
         let mut ids: Vec<u64> = hits.iter().map(|h| h.id.0).collect();
         ids.sort();
         assert_eq!(ids, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]);
-        assert!(index.search_filtered(&unit(5), 0, &|_| true).is_empty());
+        assert!(index
+            .search_hybrid(&unit(5), &[], 0, &PARAMS, Some(&|_: &EntryMeta| true))
+            .is_empty());
     }
 
     #[test]

@@ -143,31 +143,23 @@ impl App {
                 )));
             }
         }
-        let vault = match access {
-            Access::Admin => request.vault,
-            Access::Memory(own) => {
-                if request.vault.is_some_and(|v| v != own.vault) {
-                    return Err(ApiError::VaultNotFound(
-                        request.vault.map(|v| v.to_string()).unwrap_or_default(),
-                    ));
-                }
-                if let Some(missing) = scopes.iter().find(|s| !own.has_scope(**s)) {
-                    return Err(ApiError::ScopeRequired {
-                        scope: *missing,
-                        reason: "a key cannot mint a key with a scope it does not hold",
-                    });
-                }
-                let active = self.store.keys_page(None, usize::MAX, |r| {
-                    r.vault == own.vault.to_string() && r.status(self.now_ms()) == KeyStatus::Active
-                })?;
-                if active.0.len() >= MAX_KEYS_PER_VAULT {
-                    return Err(ApiError::TooManyKeys {
-                        max: MAX_KEYS_PER_VAULT,
-                    });
-                }
-                Some(own.vault)
+        let vault = managed_vault(access, request.vault)?;
+        if let Access::Memory(own) = access {
+            if let Some(missing) = scopes.iter().find(|s| !own.has_scope(**s)) {
+                return Err(ApiError::ScopeRequired {
+                    scope: *missing,
+                    reason: "a key cannot mint a key with a scope it does not hold",
+                });
             }
-        };
+            let active = self.store.keys_page(None, usize::MAX, |r| {
+                r.vault == own.vault.to_string() && r.status(self.now_ms()) == KeyStatus::Active
+            })?;
+            if active.0.len() >= MAX_KEYS_PER_VAULT {
+                return Err(ApiError::TooManyKeys {
+                    max: MAX_KEYS_PER_VAULT,
+                });
+            }
+        }
         let now = self.now_ms();
         let mut expires_days = request.expires_days;
         let mut expires_at_ms = expires_days.map(|days| now + i64::from(days) * DAY_MS);
@@ -297,18 +289,7 @@ impl App {
                 "`limit` must be 1 to {MAX_KEYS_PAGE}"
             )));
         }
-        let vault = match access {
-            Access::Admin => query.vault,
-            Access::Memory(own) => {
-                if query.vault.is_some_and(|v| v != own.vault) {
-                    return Err(ApiError::VaultNotFound(
-                        query.vault.map(|v| v.to_string()).unwrap_or_default(),
-                    ));
-                }
-                Some(own.vault)
-            }
-        };
-        let vault = vault.map(|v| v.to_string());
+        let vault = managed_vault(access, query.vault)?.map(|v| v.to_string());
         let now = self.now_ms();
         let (records, next) =
             self.store
@@ -482,6 +463,18 @@ pub fn status_text(status: KeyStatus) -> &'static str {
         KeyStatus::Revoked => "revoked",
         KeyStatus::Rotated => "rotated",
         KeyStatus::Expired => "expired",
+    }
+}
+
+/// The vault a key-management call is about: the one asked for (any, for the admin key), or
+/// for a memory key its own, which is the only one it may name.
+fn managed_vault(access: &Access, asked: Option<VaultId>) -> Result<Option<VaultId>, ApiError> {
+    match access {
+        Access::Admin => Ok(asked),
+        Access::Memory(own) => match asked {
+            Some(vault) if vault != own.vault => Err(ApiError::VaultNotFound(vault.to_string())),
+            _ => Ok(Some(own.vault)),
+        },
     }
 }
 

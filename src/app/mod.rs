@@ -742,9 +742,7 @@ impl App {
         session: Option<&str>,
         request: IngestRequest,
     ) -> Result<IngestResult, ApiError> {
-        if !access.has_scope(Scope::Write) {
-            access.require(Scope::Write)?;
-        }
+        access.require_held(Scope::Write)?;
         self.check_messages(&request.messages)?;
         check_tags(&request.tags, "tags")?;
         for (index, message) in request.messages.iter().enumerate() {
@@ -886,9 +884,7 @@ impl App {
         session: Option<&str>,
         request: PrepareRequest,
     ) -> Result<PrepareResult, ApiError> {
-        if !access.has_scope(Scope::Read) {
-            access.require(Scope::Read)?;
-        }
+        access.require_held(Scope::Read)?;
         self.check_messages(&request.messages)?;
         check_tags(&request.tags, "tags")?;
         let limits = &self.config.limits;
