@@ -184,10 +184,15 @@ impl NewKey {
         let secret: String = (0..SECRET_LEN)
             .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
             .collect();
-        let full = format!("{KEY_PREFIX}{id}{secret}{}", checksum(&id, &secret));
+        let full = compose_key(&id, &secret);
         let hash = secret_hash(&id, &secret);
         NewKey { id, full, hash }
     }
+}
+
+/// The text of a key from its id and secret, with the checksum that makes it well formed.
+pub fn compose_key(id: &str, secret: &str) -> String {
+    format!("{KEY_PREFIX}{id}{secret}{}", checksum(id, secret))
 }
 
 /// The public, loggable part of a key: `mk_` and its id.

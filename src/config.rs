@@ -117,6 +117,21 @@ pub struct Flags {
     /// Requests one memory key may make in a burst above its rate.
     #[arg(long, env = "MEMORY_SIDECAR_KEY_BURST", default_value_t = 100)]
     pub key_burst: u32,
+    /// Failed authentications per second one client address may make, sustained, before its
+    /// keyed requests get 429 `auth_rate_limited` (0 = no limit).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_AUTH_FAILURES_PER_SECOND",
+        default_value_t = 20.0
+    )]
+    pub auth_failures_per_second: f64,
+    /// Failed authentications one client address may make in a burst above that rate.
+    #[arg(long, env = "MEMORY_SIDECAR_AUTH_FAILURE_BURST", default_value_t = 200)]
+    pub auth_failure_burst: u32,
+    /// Free space, in MiB, kept on the data directory's filesystem: below it, new memories and
+    /// keys get 503 `disk_full`, while reads, deletes and revocations go on using the reserve.
+    #[arg(long, env = "MEMORY_SIDECAR_MIN_FREE_MB", default_value_t = 256)]
+    pub min_free_mb: u64,
     /// Open connections at once; further connections wait in the kernel's backlog.
     #[arg(long, env = "MEMORY_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -219,6 +234,11 @@ pub struct Limits {
     /// Sustained requests per second per memory key; 0 for none.
     pub key_rate_per_second: f64,
     pub key_burst: u32,
+    /// Sustained failed authentications per second per client address; 0 for none.
+    pub auth_failures_per_second: f64,
+    pub auth_failure_burst: u32,
+    /// Writes that add data are refused below this many free bytes on the data filesystem.
+    pub min_free_bytes: u64,
     pub max_messages: usize,
     pub max_message_chars: usize,
     pub default_limit: usize,
@@ -270,6 +290,15 @@ impl Flags {
                 "--key-rate-per-second must be 0 (no limit) or positive, got {}",
                 self.key_rate_per_second
             );
+        }
+        if !(self.auth_failures_per_second >= 0.0 && self.auth_failures_per_second.is_finite()) {
+            bail!(
+                "--auth-failures-per-second must be 0 (no limit) or positive, got {}",
+                self.auth_failures_per_second
+            );
+        }
+        if self.auth_failures_per_second > 0.0 && self.auth_failure_burst == 0 {
+            bail!("--auth-failure-burst must be at least 1 when a failure rate is set");
         }
         if self.key_rate_per_second > 0.0 && self.key_burst == 0 {
             bail!("--key-burst must be at least 1 when a key rate is set");
@@ -371,6 +400,9 @@ impl Flags {
                 max_audit_entries: self.max_audit_entries,
                 key_rate_per_second: self.key_rate_per_second,
                 key_burst: self.key_burst,
+                auth_failures_per_second: self.auth_failures_per_second,
+                auth_failure_burst: self.auth_failure_burst,
+                min_free_bytes: self.min_free_mb.saturating_mul(1 << 20),
                 max_messages: self.max_messages,
                 max_message_chars: self.max_message_chars,
                 default_limit: self.default_limit,

@@ -45,6 +45,10 @@ pub enum ApiError {
     VaultFull { count: usize, max: usize },
     #[error("this key is over its request rate; retry in {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
+    #[error("too many failed authentications from this address; retry in {retry_after_s} s")]
+    AuthRateLimited { retry_after_s: u64 },
+    #[error("the data directory's filesystem has {free_mb} MiB free, under the {min_mb} MiB kept in reserve (--min-free-mb); nothing was stored. Free some space; reads, deletes and revocations still work")]
+    DiskFull { free_mb: u64, min_mb: u64 },
     #[error("{count} lines in one upload; the maximum is {max}")]
     TooManyLines { count: usize, max: usize },
     #[error("this route needs the admin key")]
@@ -79,7 +83,7 @@ pub enum ApiError {
     NotReady,
     #[error("the daemon is shutting down")]
     ShuttingDown,
-    #[error("the store could not make the write durable; nothing was acknowledged, retry later")]
+    #[error("the store could not make the write durable, so nothing was acknowledged; retry later. After a failed flush or fsync writes stay refused until the daemon is restarted: see /readyz and its log")]
     StorageUnavailable,
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
@@ -120,6 +124,8 @@ impl ApiError {
             TooManyKeys { .. } => ("too_many_keys", 409),
             VaultFull { .. } => ("vault_full", 409),
             RateLimited { .. } => ("rate_limited", 429),
+            AuthRateLimited { .. } => ("auth_rate_limited", 429),
+            DiskFull { .. } => ("disk_full", 503),
             TooManyLines { .. } => ("too_many_lines", 413),
             InvalidAdminKey => ("invalid_admin_key", 401),
             AdminKeyRequired => ("admin_key_required", 403),

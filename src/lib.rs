@@ -46,3 +46,4 @@ pub mod index;
 pub mod lexical;
 pub mod metrics;
 pub mod store;
+pub mod throttle;

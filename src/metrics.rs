@@ -32,6 +32,9 @@ pub struct Metrics {
     pub memories: IntGauge,
     pub replay_remaining: IntGauge,
     pub ready: IntGauge,
+    pub auth_failures: IntCounterVec,
+    pub disk_free_bytes: IntGauge,
+    pub storage_healthy: IntGauge,
 }
 
 const NAMESPACE: &str = "memory_sidecar";
@@ -129,6 +132,21 @@ impl Metrics {
                 "Requests made durable by one group commit.",
                 counts,
             ))?,
+            auth_failures: IntCounterVec::new(
+                opts(
+                    "auth_failures_total",
+                    "Requests whose key failed to authenticate, by error code (never by key).",
+                ),
+                &["code"],
+            )?,
+            disk_free_bytes: IntGauge::with_opts(opts(
+                "disk_free_bytes",
+                "Free bytes on the data directory's filesystem, as last read.",
+            ))?,
+            storage_healthy: IntGauge::with_opts(opts(
+                "storage_healthy",
+                "1 while writes can be made durable; 0 after a failed flush or fsync, until restart.",
+            ))?,
             operations: IntCounterVec::new(
                 opts(
                     "lifecycle_operations_total",
@@ -181,6 +199,9 @@ impl Metrics {
             Box::new(self.memories.clone()),
             Box::new(self.replay_remaining.clone()),
             Box::new(self.ready.clone()),
+            Box::new(self.auth_failures.clone()),
+            Box::new(self.disk_free_bytes.clone()),
+            Box::new(self.storage_healthy.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector)?;

@@ -905,6 +905,7 @@ impl Committer {
         let (tx, rx) = mpsc::channel::<CommitReply>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let thread_poisoned = poisoned.clone();
+        metrics.storage_healthy.set(1);
         std::thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || {
@@ -922,6 +923,7 @@ impl Committer {
                     };
                     if let Err(message) = &result {
                         if !thread_poisoned.swap(true, Ordering::AcqRel) {
+                            metrics.storage_healthy.set(0);
                             tracing::error!(error = %message, "the store could not be made durable; refusing writes until restart");
                         }
                     }

@@ -174,33 +174,11 @@ fn drive(client: Client, mut vault: Vault, index: usize, cycle: usize, seed: u64
     vault
 }
 
-fn export(client: &Client, key: &str) -> Vec<Value> {
-    let mut memories = Vec::new();
-    let mut cursor = Value::Null;
-    loop {
-        let (status, page) = call(
-            client,
-            "POST",
-            "/v1/memory/search",
-            key,
-            None,
-            Some(&json!({"limit": 1000, "cursor": cursor})),
-        )
-        .expect("daemon up");
-        assert_eq!(status, 200, "{page}");
-        memories.extend(page["memories"].as_array().unwrap().iter().cloned());
-        cursor = page["next_cursor"].clone();
-        if cursor.is_null() {
-            return memories;
-        }
-    }
-}
-
 fn verify(daemon: &Daemon, vaults: &mut [Vault], seed: u64, cycle: usize) {
     daemon.wait_indexed();
     for (index, vault) in vaults.iter_mut().enumerate() {
         let what = format!("vault {index} after cycle {cycle} (seed {seed})");
-        let stored = export(daemon, &vault.key);
+        let stored = daemon.export(&vault.key);
         let by_id: BTreeMap<String, String> = stored
             .iter()
             .map(|m| {
@@ -409,7 +387,7 @@ fn damaged_keys_stop_start_up_with_a_clear_error_never_empty_answers() {
     // Restored, everything is there again.
     std::fs::write(&keyring, &intact).unwrap();
     let daemon = Daemon::start(data, &[]);
-    let stored = export(&daemon, &key);
+    let stored = daemon.export(&key);
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["content"], "I keep bees.");
 }

@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{Daemon, ADMIN_KEY};
+use common::corpus::proc_status_mb;
+use common::{metric_value, Daemon, ADMIN_KEY};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -42,6 +43,7 @@ const CODES: &[&str] = &[
     "unsupported_media_type",
     "overloaded",
     "rate_limited",
+    "auth_rate_limited",
 ];
 
 const PATHS: &[&str] = &[
@@ -184,7 +186,14 @@ fn random_input_everywhere_gets_a_stable_error_and_never_a_500() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         dir.path(),
-        &["--key-rate-per-second", "0", "--max-body-bytes", "65536"],
+        &[
+            "--key-rate-per-second",
+            "0",
+            "--auth-failures-per-second",
+            "0",
+            "--max-body-bytes",
+            "65536",
+        ],
     );
     let key = daemon.mint_key("user:hostile");
     let seeds = seeds();
@@ -196,7 +205,11 @@ fn random_input_everywhere_gets_a_stable_error_and_never_a_500() {
         "application/json; charset=utf-8",
         "",
     ];
+    let mut warm_rss_mb = 0.0;
     for case in 0..cases {
+        if case == cases.min(50) - 1 {
+            warm_rss_mb = proc_status_mb(daemon.pid(), "VmRSS:");
+        }
         let path = PATHS[rng.random_range(0..PATHS.len())];
         let method = methods[rng.random_range(0..methods.len())];
         // Half the cases carry a working key, so they reach the body parsers and the domain.
@@ -267,6 +280,15 @@ fn random_input_everywhere_gets_a_stable_error_and_never_a_500() {
             );
         }
     }
+    // Memory stays bounded: whatever the input, nothing it leaves behind grows without limit.
+    // (The bound is loose; a leak of each request's body, up to 64 KiB, would cross it.)
+    let rss_mb = proc_status_mb(daemon.pid(), "VmRSS:");
+    assert!(warm_rss_mb > 0.0, "could not read the daemon's RSS");
+    assert!(
+        rss_mb - warm_rss_mb < 96.0 + cases as f64 * 0.016,
+        "RSS grew from {warm_rss_mb:.0} MiB to {rss_mb:.0} MiB over {cases} cases"
+    );
+    eprintln!("RSS {warm_rss_mb:.0} MiB after 50 cases, {rss_mb:.0} MiB after {cases}");
     // Still healthy, and still serving its user.
     assert_eq!(daemon.request("GET", "/readyz", &[], b"").status, 200);
     let answer = daemon.ingest(
@@ -332,4 +354,85 @@ fn slow_bodies_and_idle_floods_are_cut_off_by_their_limits() {
         );
     }
     assert_eq!(daemon.request("GET", "/readyz", &[], b"").status, 200);
+}
+
+#[test]
+fn failed_authentications_reveal_nothing_are_throttled_and_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--auth-failure-burst",
+            "10",
+            "--auth-failures-per-second",
+            "2",
+            "--log",
+            "debug",
+        ],
+    );
+    let minted = daemon.post_json("/v1/keys", Some(ADMIN_KEY), None, &json!({"name": "real"}));
+    assert_eq!(minted.status, 201, "{}", minted.text());
+    let key = minted.json()["key"].as_str().unwrap().to_owned();
+    let id = minted.json()["key_info"]["id"].as_str().unwrap().to_owned();
+    let body = json!({"messages": [{"role": "user", "content": "what do I like?"}]});
+    let prepare =
+        |credential: &str| daemon.call("POST", "/v1/memory/prepare", credential, None, Some(&body));
+
+    // A well-formed key with a real id and a wrong secret answers exactly like an id never
+    // minted: same status, code and message.
+    let secret = "Z".repeat(32);
+    let forged = memory_sidecar::auth::compose_key(&id, &secret);
+    let stranger = memory_sidecar::auth::compose_key("0123456789abcdef", &secret);
+    let (a, b) = (prepare(&forged), prepare(&stranger));
+    assert_eq!((a.status, a.error_code()), (401, "unknown_key".to_owned()));
+    assert_eq!((a.status, a.text()), (b.status, b.text()));
+
+    // Eight malformed keys spend the rest of the burst of ten; the next attempt from this
+    // address is refused before its key is looked at, even a good key.
+    let mut presented = vec![forged, stranger];
+    for n in 0..8 {
+        let mut typo = key.clone().into_bytes();
+        typo[20 + n] = if typo[20 + n] == b'A' { b'B' } else { b'A' };
+        let typo = String::from_utf8(typo).unwrap();
+        let response = prepare(&typo);
+        assert_eq!(response.error_code(), "invalid_key", "{}", response.text());
+        presented.push(typo);
+    }
+    let refused = prepare(&presented[0]);
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.error_code(), "auth_rate_limited");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(prepare(&key).error_code(), "auth_rate_limited");
+    // Requests without a key are not held up.
+    assert_eq!(daemon.request("GET", "/healthz", &[], b"").status, 200);
+    let metrics = daemon.request("GET", "/metrics", &[], b"").text();
+    let failures = |code: &str| {
+        metric_value(
+            &metrics,
+            &format!("memory_sidecar_auth_failures_total{{code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(failures("unknown_key"), Some(2.0));
+    assert_eq!(failures("invalid_key"), Some(8.0));
+
+    // The bucket refills at 2 a second: the good key gets through again.
+    let started = std::time::Instant::now();
+    while prepare(&key).status != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "never let in again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Nothing presented, right or wrong, reached the log, even at debug level.
+    let log = daemon.stderr();
+    assert!(log.contains("DEBUG"), "the daemon logged at debug level");
+    for credential in presented.iter().chain([&key]) {
+        assert!(
+            !log.contains(&credential[3..]),
+            "a presented key is in the log"
+        );
+    }
+    assert!(!log.contains(&secret));
 }

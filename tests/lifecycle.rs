@@ -28,23 +28,6 @@ impl Client {
         )
     }
 
-    /// Every memory of the key's vault, through the export loop (search without a query).
-    fn export(&self, key: &str) -> Vec<Value> {
-        let mut memories = Vec::new();
-        let mut cursor = Value::Null;
-        loop {
-            let body = json!({"limit": 7, "cursor": cursor});
-            let response = self.call("POST", "/v1/memory/search", key, None, Some(&body));
-            assert_eq!(response.status, 200, "{}", response.text());
-            let page = response.json();
-            memories.extend(page["memories"].as_array().unwrap().iter().cloned());
-            cursor = page["next_cursor"].clone();
-            if cursor.is_null() {
-                return memories;
-            }
-        }
-    }
-
     fn upload(&self, key: &str, body: &str) -> Response {
         let auth = format!("Bearer {key}");
         let headers = [
@@ -350,7 +333,7 @@ fn randomised_vaults_never_cross_and_deleting_one_leaves_the_others_identical() 
             }
             8 => {
                 let session = format!("s{}", rng.random_range(0..3));
-                let exported = daemon.export(key);
+                let exported = daemon.export_paged(key, 7);
                 let response = daemon.call("DELETE", "/v1/memory", key, Some(&session), None);
                 assert_eq!(response.status, 200, "{}", response.text());
                 let doomed: Vec<String> = exported
@@ -364,7 +347,7 @@ fn randomised_vaults_never_cross_and_deleting_one_leaves_the_others_identical() 
                 }
             }
             _ => {
-                let exported = daemon.export(key);
+                let exported = daemon.export_paged(key, 7);
                 let got: BTreeMap<String, String> = exported
                     .iter()
                     .map(|m| {
@@ -379,7 +362,7 @@ fn randomised_vaults_never_cross_and_deleting_one_leaves_the_others_identical() 
         }
     }
     daemon.wait_indexed();
-    let before: Vec<Vec<Value>> = vaults.iter().map(|k| daemon.export(k)).collect();
+    let before: Vec<Vec<Value>> = vaults.iter().map(|k| daemon.export_paged(k, 7)).collect();
     for (v, key) in vaults.iter().enumerate() {
         let got: Vec<String> = contents(&before[v]);
         assert_eq!(
@@ -405,7 +388,7 @@ fn randomised_vaults_never_cross_and_deleting_one_leaves_the_others_identical() 
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(response.json()["deleted"], model[victim].len());
     for (v, key) in vaults.iter().enumerate() {
-        let after = daemon.export(key);
+        let after = daemon.export_paged(key, 7);
         if v == victim {
             assert!(after.is_empty());
         } else {
@@ -461,7 +444,10 @@ fn expiry_and_rotation_grace_follow_the_clock() {
     assert!(shown.get("key").is_none() && !shown.to_string().contains(&old[20..]));
     // Both work during the grace period, on the same memories.
     assert_eq!(daemon.status_of(&old).0, 200);
-    assert_eq!(contents(&daemon.export(&new)), ["My cat is called Miso."]);
+    assert_eq!(
+        contents(&daemon.export_paged(&new, 7)),
+        ["My cat is called Miso."]
+    );
     let again = daemon.call(
         "POST",
         &format!("/v1/keys/{id}/rotate"),
@@ -670,8 +656,8 @@ fn an_erased_vault_cannot_be_read_back_from_the_files() {
         json!([{"role": "user", "content": "I keep bees in the garden."}]),
     );
     daemon.wait_indexed();
-    assert_eq!(contents(&daemon.export(&leaving)).len(), 1);
-    let staying_before = daemon.export(&staying);
+    assert_eq!(contents(&daemon.export_paged(&leaving, 7)).len(), 1);
+    let staying_before = daemon.export_paged(&staying, 7);
     daemon.kill9();
     // Encrypted at rest: not even a live vault's text is in the files.
     assert!(found_on_disk(&data, marker.as_bytes()).is_empty());
@@ -698,7 +684,7 @@ fn an_erased_vault_cannot_be_read_back_from_the_files() {
         (response.status, response.json()["deleted"].clone()),
         (200, json!(1))
     );
-    assert!(daemon.export(&leaving).is_empty());
+    assert!(daemon.export_paged(&leaving, 7).is_empty());
     assert_eq!(
         daemon.status_of(&leaving).0,
         200,
@@ -712,10 +698,10 @@ fn an_erased_vault_cannot_be_read_back_from_the_files() {
     );
     let daemon = Daemon::start(&data, &[]);
     assert!(
-        daemon.export(&leaving).is_empty(),
+        daemon.export_paged(&leaving, 7).is_empty(),
         "it does not come back after a restart"
     );
-    assert_eq!(daemon.export(&staying), staying_before);
+    assert_eq!(daemon.export_paged(&staying, 7), staying_before);
 
     // The operator's erase removes the vault and its keys.
     let vault = info["vault_id"].as_str().unwrap();
@@ -739,7 +725,7 @@ fn an_erased_vault_cannot_be_read_back_from_the_files() {
         (again.status, again.error_code()),
         (404, "vault_not_found".to_owned())
     );
-    assert_eq!(daemon.export(&staying), staying_before);
+    assert_eq!(daemon.export_paged(&staying, 7), staying_before);
 }
 
 // ---- import, tags, stats, limits, audit
@@ -794,7 +780,7 @@ fn upload_reports_bad_lines_and_never_duplicates() {
         again["stats"]["stored"], 0,
         "a repeated upload stores nothing new: {again}"
     );
-    assert_eq!(daemon.export(&key).len(), 2);
+    assert_eq!(daemon.export_paged(&key, 7).len(), 2);
 
     let too_big = daemon.upload(&key, &"{\"content\": \"a\"}\n".repeat(400));
     assert_eq!(
@@ -816,7 +802,7 @@ fn upload_reports_bad_lines_and_never_duplicates() {
     assert_eq!(empty.status, 400);
 
     // Tags filter search and prepare; stats count what is there.
-    let exported = daemon.export(&key);
+    let exported = daemon.export_paged(&key, 7);
     assert_eq!(exported[0]["tags"], json!(["locomo"]));
     assert_eq!(exported[0]["created_at"], "2023-05-08T13:56:00Z");
     let tagged = daemon
@@ -885,7 +871,7 @@ fn a_full_vault_refuses_more_until_something_is_deleted() {
         (slash.status, slash.error_code()),
         (404, "memory_not_found".to_owned())
     );
-    assert_eq!(daemon.export(&key).len(), 3);
+    assert_eq!(daemon.export_paged(&key, 7).len(), 3);
     let body = json!({"messages": [{"role": "user", "content": "fact 3"}]});
     let full = daemon.call("POST", "/v1/memory/ingest", &key, None, Some(&body));
     assert_eq!(
@@ -1050,12 +1036,18 @@ fn an_erasure_cut_short_is_finished_at_the_next_start() {
         store.sync().unwrap();
     }
     let daemon = InProcess::start(dir.path(), &[]);
-    assert!(daemon.export(&key).is_empty(), "the erasure was finished");
+    assert!(
+        daemon.export_paged(&key, 7).is_empty(),
+        "the erasure was finished"
+    );
     assert_eq!(daemon.status_of(&key).0, 200, "and the vault kept, empty");
     daemon.ingest(
         &key,
         None,
         json!([{"role": "user", "content": "I play the oboe."}]),
     );
-    assert_eq!(contents(&daemon.export(&key)), ["I play the oboe."]);
+    assert_eq!(
+        contents(&daemon.export_paged(&key, 7)),
+        ["I play the oboe."]
+    );
 }

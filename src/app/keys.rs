@@ -144,6 +144,9 @@ impl App {
             }
         }
         let vault = managed_vault(access, request.vault)?;
+        // Rotation and revocation may use the disk reserve (a leaked key must always be
+        // replaceable); a new key, and with it perhaps a new vault, may not.
+        self.check_disk_room()?;
         if let Access::Memory(own) = access {
             if let Some(missing) = scopes.iter().find(|s| !own.has_scope(**s)) {
                 return Err(ApiError::ScopeRequired {

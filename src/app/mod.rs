@@ -14,6 +14,7 @@ pub mod keys;
 pub mod vault;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -32,6 +33,7 @@ use crate::store::{
     check_vector, Committer, EntryMeta, KeyStatus, MemoryId, MemoryRecord, NewMemory, Store,
     VaultId,
 };
+use crate::throttle::FailureThrottle;
 
 /// A predicate over a memory's index metadata (filters by tag, session, date).
 pub type MetaFilter = Box<dyn Fn(&EntryMeta) -> bool + Send>;
@@ -207,6 +209,7 @@ pub struct App {
     /// Memories per vault, counted on first use and kept up to date (the vault size limit).
     counts: Mutex<HashMap<VaultId, usize>>,
     key_use: Mutex<HashMap<String, KeyUse>>,
+    auth_failures: FailureThrottle,
     /// Serialises key minting, rotation and revocation, so two rotations cannot both win.
     key_ops: Mutex<()>,
 }
@@ -241,6 +244,10 @@ impl App {
             store.vault_count() == 0,
         )?;
         let committer = store.committer(metrics.clone())?;
+        let auth_failures = FailureThrottle::new(
+            config.limits.auth_failures_per_second,
+            config.limits.auth_failure_burst,
+        );
         let app = App {
             indexes: Arc::new(Indexes::new(config.retrieval.hnsw_threshold)),
             config,
@@ -256,6 +263,7 @@ impl App {
             locks: VaultLocks::new(),
             counts: Mutex::new(HashMap::new()),
             key_use: Mutex::new(HashMap::new()),
+            auth_failures,
             key_ops: Mutex::new(()),
         };
         app.recover()?;
@@ -366,6 +374,62 @@ impl App {
             READY => Ok(()),
             STOPPING => Err(ApiError::ShuttingDown),
             _ => Err(ApiError::NotReady),
+        }
+    }
+
+    /// Refuses a keyed request from an address that has spent its failed authentications.
+    pub fn check_auth_budget(&self, address: IpAddr) -> Result<(), ApiError> {
+        self.auth_failures
+            .check(address, self.now_ms())
+            .map_err(|retry_after_s| ApiError::AuthRateLimited { retry_after_s })
+    }
+
+    /// Counts a request's failed authentication against its address. Keys that were right but
+    /// revoked, rotated or expired are not guesses and are not counted.
+    pub fn note_auth_outcome(&self, address: IpAddr, error: &ApiError) {
+        if matches!(
+            error,
+            ApiError::InvalidKey | ApiError::UnknownKey | ApiError::InvalidAdminKey
+        ) {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[error.code()])
+                .inc();
+            self.auth_failures.record_failure(address, self.now_ms());
+        }
+    }
+
+    /// Refuses a write that adds data while the data filesystem is under its reserve, so that
+    /// sled never meets a full disk in the middle of a write, and the reserve is left for
+    /// embedding what was already acknowledged, for deletes and for revocations.
+    fn check_disk_room(&self) -> Result<(), ApiError> {
+        let min = self.config.limits.min_free_bytes;
+        let Some(free) = self.refresh_disk_free() else {
+            return Ok(());
+        };
+        if free < min {
+            return Err(ApiError::DiskFull {
+                free_mb: free >> 20,
+                min_mb: min >> 20,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the data filesystem's free space into its gauge. `None` if it cannot be read:
+    /// then a write goes ahead and a real failure is reported by the committer.
+    pub fn refresh_disk_free(&self) -> Option<u64> {
+        match fs2::available_space(&self.config.data_dir) {
+            Ok(free) => {
+                self.metrics
+                    .disk_free_bytes
+                    .set(i64::try_from(free).unwrap_or(i64::MAX));
+                Some(free)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the data filesystem's free space failed");
+                None
+            }
         }
     }
 
@@ -698,6 +762,7 @@ impl App {
         vault: VaultId,
         memories: &[NewMemory],
     ) -> Result<Vec<(MemoryId, bool)>, ApiError> {
+        self.check_disk_room()?;
         let cipher = self.cipher(vault)?;
         if self.store.vault(vault)?.is_some_and(|r| r.erasing) {
             tracing::error!(%vault, "refusing writes to a vault whose erasure did not finish");

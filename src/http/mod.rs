@@ -9,6 +9,7 @@ mod wire;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -154,9 +155,9 @@ pub async fn serve(
             permit = connections.clone().acquire_owned() => permit?,
             () = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of descriptors and the like: back off briefly instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -170,7 +171,12 @@ pub async fn serve(
         let service_app = app.clone();
         let service_inflight = inflight.clone();
         let service = service_fn(move |request| {
-            handle(service_app.clone(), service_inflight.clone(), request)
+            handle(
+                service_app.clone(),
+                service_inflight.clone(),
+                peer.ip(),
+                request,
+            )
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         let gauge = app.metrics.http_connections.clone();
@@ -202,6 +208,7 @@ pub async fn serve(
 async fn handle(
     app: Arc<App>,
     inflight: Arc<Semaphore>,
+    peer: IpAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
@@ -209,11 +216,23 @@ async fn handle(
     // Decremented on drop: hyper drops this future when a client hangs up mid-request.
     let _in_flight = InFlight::enter(&app.metrics.http_in_flight);
     let timeout = app.config().limits.request_timeout;
-    let outcome =
-        match tokio::time::timeout(timeout, dispatch(&app, &inflight, route, request)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
-        };
+    let outcome = if carries_credential(request.headers()) {
+        app.check_auth_budget(peer)
+    } else {
+        Ok(())
+    };
+    let outcome = match outcome {
+        Ok(()) => {
+            match tokio::time::timeout(timeout, dispatch(&app, &inflight, route, request)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+            }
+        }
+        Err(refused) => Err(refused),
+    };
+    if let Err(error) = &outcome {
+        app.note_auth_outcome(peer, error);
+    }
     let response = outcome.unwrap_or_else(|error| error_response(route, error));
     let status_class = match response.status().as_u16() {
         100..=199 => "1xx",
@@ -284,6 +303,7 @@ async fn dispatch(
             ));
         }
         Route::Metrics => {
+            app.refresh_disk_free();
             let text = app.metrics.render()?;
             let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
@@ -541,6 +561,13 @@ fn memory_caller(
     Ok((access, session_id(headers)?))
 }
 
+/// Whether the request presents a key at all (the failed-authentication budget applies).
+fn carries_credential(headers: &HeaderMap) -> bool {
+    ["x-memory-key", "authorization", "x-api-key"]
+        .iter()
+        .any(|name| headers.contains_key(*name))
+}
+
 /// The memory or admin key: `X-Memory-Key` first (so a caller may keep a provider key in
 /// `Authorization`), then `Authorization: Bearer`, then `x-api-key`.
 fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -705,7 +732,10 @@ fn error_response(route: Route, error: ApiError) -> Response<Full<Bytes>> {
         ApiError::Overloaded(_) | ApiError::NotReady | ApiError::StorageUnavailable => {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        ApiError::RateLimited { retry_after_s } => {
+        ApiError::DiskFull { .. } => {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("10"));
+        }
+        ApiError::RateLimited { retry_after_s } | ApiError::AuthRateLimited { retry_after_s } => {
             headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         _ => {}

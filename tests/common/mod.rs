@@ -293,6 +293,28 @@ impl Client {
         response.json()
     }
 
+    /// Every memory of the key's vault, in storage order (the paged export).
+    pub fn export(&self, key: &str) -> Vec<Value> {
+        self.export_paged(key, 1000)
+    }
+
+    /// [`Client::export`], `page` memories at a time.
+    pub fn export_paged(&self, key: &str, page: usize) -> Vec<Value> {
+        let mut memories = Vec::new();
+        let mut cursor = Value::Null;
+        loop {
+            let body = json!({"limit": page, "cursor": cursor});
+            let response = self.call("POST", "/v1/memory/search", key, None, Some(&body));
+            assert_eq!(response.status, 200, "{}", response.text());
+            let page = response.json();
+            memories.extend(page["memories"].as_array().unwrap().iter().cloned());
+            cursor = page["next_cursor"].clone();
+            if cursor.is_null() {
+                return memories;
+            }
+        }
+    }
+
     pub fn prepare(&self, key: &str, session: Option<&str>, question: &str) -> Value {
         let body = json!({"messages": [{"role": "user", "content": question}], "limit": 10});
         let response = self.post_json("/v1/memory/prepare", Some(key), session, &body);
