@@ -130,7 +130,7 @@ pub struct Flags {
     pub auth_failure_burst: u32,
     /// Free space, in MiB, kept on the data directory's filesystem: below it, new memories and
     /// keys get 503 `disk_full`, while reads, deletes and revocations go on using the reserve.
-    #[arg(long, env = "MEMORY_SIDECAR_MIN_FREE_MB", default_value_t = 256)]
+    #[arg(long, env = "MEMORY_SIDECAR_MIN_FREE_MB", default_value_t = 64)]
     pub min_free_mb: u64,
     /// Open connections at once; further connections wait in the kernel's backlog.
     #[arg(long, env = "MEMORY_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
@@ -204,6 +204,10 @@ pub struct Flags {
     /// Vault size from which an HNSW graph serves queries instead of an exact scan.
     #[arg(long, env = "MEMORY_SIDECAR_HNSW_THRESHOLD", default_value_t = 50_000)]
     pub hnsw_threshold: usize,
+    /// Start even if the store lost commits its ledger says were acknowledged (a damaged or
+    /// replaced store), serving what it still holds; the ledger is reset to the store.
+    #[arg(long, env = "MEMORY_SIDECAR_ACCEPT_LOST_COMMITS")]
+    pub accept_lost_commits: bool,
     /// sled's page cache, in bytes.
     #[arg(long, env = "MEMORY_SIDECAR_CACHE_BYTES", default_value_t = 256 << 20)]
     pub cache_bytes: u64,
@@ -222,6 +226,7 @@ pub struct Config {
     pub embed: EmbedConfig,
     pub retrieval: RetrievalConfig,
     pub cache_bytes: u64,
+    pub accept_lost_commits: bool,
 }
 
 /// Bounds on everything a request can make the daemon hold.
@@ -432,6 +437,7 @@ impl Flags {
                 hnsw_threshold: self.hnsw_threshold,
             },
             cache_bytes: self.cache_bytes,
+            accept_lost_commits: self.accept_lost_commits,
         })
     }
 }

@@ -43,6 +43,7 @@ pub mod embed;
 pub mod error;
 pub mod http;
 pub mod index;
+pub mod ledger;
 pub mod lexical;
 pub mod metrics;
 pub mod store;

@@ -26,11 +26,13 @@ use sled::Transactional;
 
 use crate::auth::Scope;
 use crate::crypto::{Purpose, VaultCipher};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 
 /// Dimension of the model's sentence vectors.
 pub const DIM: usize = 384;
 const SCHEMA_VERSION: &[u8] = b"2";
+const COMMIT_SEQ: &str = "commit_seq";
 /// Rows removed per sled batch when a vault or session is erased.
 const ERASE_BATCH: usize = 1024;
 
@@ -244,6 +246,8 @@ pub struct AuditEntry {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    /// `schema`, and `commit_seq`: the last group commit's number (see [`crate::ledger`]).
+    meta: sled::Tree,
     keys: sled::Tree,
     key_used: sled::Tree,
     vaults: sled::Tree,
@@ -374,14 +378,33 @@ impl Store {
             dedup: db.open_tree("dedup")?,
             audit_entries: db.open_tree("audit")?.len().into(),
             audit: db.open_tree("audit")?,
+            meta,
             path: dir.to_owned(),
             db,
         })
     }
 
-    /// Starts the group-commit thread for this store.
-    pub fn committer(&self, metrics: Metrics) -> anyhow::Result<Committer> {
-        Committer::start(self.db.clone(), &self.path, metrics)
+    /// The number of the last group commit written to the store (0 for a new store).
+    pub fn commit_seq(&self) -> anyhow::Result<u64> {
+        Ok(match self.meta.get(COMMIT_SEQ)? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .context("the store's commit number is corrupt")?,
+            ),
+            None => 0,
+        })
+    }
+
+    /// Whether the store holds no key, vault or memory at all.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.vaults.is_empty() && self.memories.is_empty()
+    }
+
+    /// Starts the group-commit thread for this store; it keeps `ledger` in step.
+    pub fn committer(&self, metrics: Metrics, ledger: Ledger) -> anyhow::Result<Committer> {
+        Committer::start(self, metrics, ledger)
     }
 
     /// Flushes and fsyncs now, from the calling thread (start-up and shutdown).
@@ -897,11 +920,16 @@ type CommitReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 pub struct Committer {
     tx: mpsc::Sender<CommitReply>,
     poisoned: Arc<AtomicBool>,
+    ledger: Arc<Ledger>,
 }
 
 impl Committer {
-    fn start(db: sled::Db, dir: &Path, metrics: Metrics) -> anyhow::Result<Committer> {
-        let file = data_file(dir)?;
+    fn start(store: &Store, metrics: Metrics, ledger: Ledger) -> anyhow::Result<Committer> {
+        let file = data_file(&store.path)?;
+        let (db, meta) = (store.db.clone(), store.meta.clone());
+        let mut seq = store.commit_seq()?;
+        let ledger = Arc::new(ledger);
+        let thread_ledger = ledger.clone();
         let (tx, rx) = mpsc::channel::<CommitReply>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let thread_poisoned = poisoned.clone();
@@ -916,15 +944,24 @@ impl Committer {
                     let result = if thread_poisoned.load(Ordering::Acquire) {
                         Err("an earlier flush or fsync failed; restart the daemon".to_owned())
                     } else {
-                        db.flush()
+                        seq += 1;
+                        meta.insert(COMMIT_SEQ, &seq.to_be_bytes())
                             .map(|_| ())
+                            .and_then(|()| db.flush().map(|_| ()))
                             .map_err(|e| format!("flush: {e}"))
                             .and_then(|()| file.sync_data().map_err(|e| format!("fsync: {e}")))
                     };
-                    if let Err(message) = &result {
-                        if !thread_poisoned.swap(true, Ordering::AcqRel) {
-                            metrics.storage_healthy.set(0);
-                            tracing::error!(error = %message, "the store could not be made durable; refusing writes until restart");
+                    match &result {
+                        Ok(()) => {
+                            if let Err(error) = thread_ledger.record(seq) {
+                                tracing::warn!(error = %format!("{error:#}"), "the commit ledger lags the store");
+                            }
+                        }
+                        Err(message) => {
+                            if !thread_poisoned.swap(true, Ordering::AcqRel) {
+                                metrics.storage_healthy.set(0);
+                                tracing::error!(error = %message, "the store could not be made durable; refusing writes until restart");
+                            }
                         }
                     }
                     metrics
@@ -937,7 +974,16 @@ impl Committer {
                 }
             })
             .context("starting the group-commit thread")?;
-        Ok(Committer { tx, poisoned })
+        Ok(Committer {
+            tx,
+            poisoned,
+            ledger,
+        })
+    }
+
+    /// fsyncs the commit ledger (at shutdown; commits only `pwrite` it).
+    pub fn sync_ledger(&self) -> anyhow::Result<()> {
+        self.ledger.sync()
     }
 
     /// Whether writes can still be made durable.

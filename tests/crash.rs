@@ -13,6 +13,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use common::{Client, Daemon, ADMIN_KEY};
@@ -333,7 +335,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
 }
 
 /// Runs the binary on `data` expecting it to refuse to start; returns its stderr.
-fn refused_start(data: &std::path::Path, master_key: &str) -> String {
+fn refused_start(data: &std::path::Path, master_key: &str, args: &[&str]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_memory-sidecar"))
         .env("MEMORY_SIDECAR_ADMIN_KEY", ADMIN_KEY)
         .env("MEMORY_SIDECAR_MASTER_KEY", master_key)
@@ -341,6 +343,7 @@ fn refused_start(data: &std::path::Path, master_key: &str) -> String {
         .arg(data)
         .arg("--models-dir")
         .arg(common::models_dir())
+        .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
@@ -370,18 +373,18 @@ fn damaged_keys_stop_start_up_with_a_clear_error_never_empty_answers() {
     let intact = std::fs::read(&keyring).unwrap();
 
     let other_master = "ff".repeat(32);
-    let stderr = refused_start(data, &other_master);
+    let stderr = refused_start(data, &other_master, &[]);
     assert!(stderr.contains("master key does not match"), "{stderr}");
 
     std::fs::write(&keyring, &intact[..50]).unwrap();
-    let stderr = refused_start(data, common::MASTER_KEY);
+    let stderr = refused_start(data, common::MASTER_KEY, &[]);
     assert!(
         stderr.contains("keyring") && stderr.contains("restore"),
         "{stderr}"
     );
 
     std::fs::remove_file(&keyring).unwrap();
-    let stderr = refused_start(data, common::MASTER_KEY);
+    let stderr = refused_start(data, common::MASTER_KEY, &[]);
     assert!(stderr.contains("is missing"), "{stderr}");
 
     // Restored, everything is there again.
@@ -390,4 +393,138 @@ fn damaged_keys_stop_start_up_with_a_clear_error_never_empty_answers() {
     let stored = daemon.export(&key);
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["content"], "I keep bees.");
+}
+
+/// Copies a data directory (the daemon is stopped) so each damage starts from the same state.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_damaged_store_stops_start_up_instead_of_answering_with_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let intact = dir.path().join("intact");
+    let daemon = Daemon::start(&intact, &["--key-rate-per-second", "0"]);
+    let key = daemon.mint_key("user:damaged-store");
+    for n in 0..120 {
+        let text = format!("Fact {n}: the spare key for shed {n} hangs behind the blue door.");
+        daemon.ingest(&key, None, json!([{"role": "user", "content": text}]));
+    }
+    daemon.wait_indexed();
+    daemon.kill9();
+    let damaged = |name: &str, damage: &dyn Fn(&std::path::Path)| {
+        let copy = dir.path().join(name);
+        copy_dir(&intact, &copy);
+        damage(&copy);
+        copy
+    };
+    let behind = |stderr: &str| {
+        stderr.contains("but commit")
+            && stderr.contains("was acknowledged")
+            && stderr.contains("--accept-lost-commits")
+    };
+    // Each damage must either stop start-up with the ledger's message or leave every memory
+    // served: never fewer, silently. Where sled's log is cut decides which; the cut to an
+    // eighth is always past the last commits.
+    let refused_or_whole = |data: &std::path::Path, what: &str| -> bool {
+        match Daemon::try_spawn(data, &[]) {
+            Err(stderr) => {
+                assert!(behind(&stderr), "{what}: {stderr}");
+                eprintln!("{what}: start-up refused");
+                true
+            }
+            Ok(daemon) => {
+                daemon.wait_ready();
+                assert_eq!(daemon.export(&key).len(), 120, "{what}: started with less");
+                eprintln!("{what}: every memory served");
+                false
+            }
+        }
+    };
+    let mut refusals = Vec::new();
+    for eighths in [1, 2, 4, 6, 7] {
+        let what = format!("the log cut to {eighths}/8");
+        let copy = damaged(&format!("cut-{eighths}"), &|data| {
+            let db = data.join("store/db");
+            let length = std::fs::metadata(&db).unwrap().len();
+            let file = File::options().write(true).open(&db).unwrap();
+            file.set_len(length * eighths / 8).unwrap();
+        });
+        if refused_or_whole(&copy, &what) {
+            refusals.push(copy);
+        }
+        let what = format!("a garbled block at {eighths}/8 of the log");
+        let copy = damaged(&format!("garbled-{eighths}"), &|data| {
+            let db = data.join("store/db");
+            let length = std::fs::metadata(&db).unwrap().len();
+            let file = File::options().write(true).open(&db).unwrap();
+            file.write_all_at(&[0xa5; 4096], length * eighths / 8)
+                .unwrap();
+        });
+        refused_or_whole(&copy, &what);
+    }
+    assert!(!refusals.is_empty(), "no cut of the log lost a commit");
+
+    // A store directory gone (a bad restore, a wrong mount) is not a new, empty store.
+    let gone = damaged("gone", &|data| {
+        std::fs::remove_dir_all(data.join("store")).unwrap()
+    });
+    assert!(refused_or_whole(&gone, "the store removed"));
+
+    // The ledger itself missing or damaged is said as such.
+    let unledgered = damaged("unledgered", &|data| {
+        std::fs::remove_file(data.join("ledger")).unwrap()
+    });
+    let stderr = Daemon::try_spawn(&unledgered, &[]).err().unwrap();
+    assert!(
+        stderr.contains("ledger") && stderr.contains("is missing"),
+        "{stderr}"
+    );
+    let garbled_ledger = damaged("garbled-ledger", &|data| {
+        std::fs::write(data.join("ledger"), [0u8; 32]).unwrap()
+    });
+    let stderr = Daemon::try_spawn(&garbled_ledger, &[]).err().unwrap();
+    assert!(
+        stderr.contains("ledger") && stderr.contains("damaged"),
+        "{stderr}"
+    );
+
+    // The operator may choose to serve what is left: loudly, once; the ledger follows the store.
+    let truncated = &refusals[0];
+    let daemon = Daemon::start(truncated, &["--accept-lost-commits"]);
+    assert!(
+        daemon.stderr().contains("starting anyway"),
+        "{}",
+        daemon.stderr()
+    );
+    let left = left_after_loss(&daemon, &key);
+    assert!(left < 120, "{left} memories after losing commits");
+    daemon.kill9();
+    let daemon = Daemon::start(truncated, &[]);
+    assert_eq!(left_after_loss(&daemon, &key), left);
+    drop(daemon);
+
+    // The intact copy serves every memory.
+    let daemon = Daemon::start(&intact, &[]);
+    assert_eq!(daemon.export(&key).len(), 120);
+}
+
+/// Memories a key still reaches after lost commits: none if the key itself was lost.
+fn left_after_loss(client: &Client, key: &str) -> usize {
+    let body = json!({"limit": 1000});
+    let response = client.call("POST", "/v1/memory/search", key, None, Some(&body));
+    match response.status {
+        200 => client.export(key).len(),
+        401 => 0,
+        other => panic!("{other}: {}", response.text()),
+    }
 }

@@ -28,6 +28,7 @@ use crate::crypto::{Keyring, MasterKey, VaultCipher};
 use crate::embed::{EmbedError, Embedder, Priority};
 use crate::error::ApiError;
 use crate::index::{HybridParams, Indexes};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::store::{
     check_vector, Committer, EntryMeta, KeyStatus, MemoryId, MemoryRecord, NewMemory, Store,
@@ -232,10 +233,19 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Arc<App>> {
         let embedder = Embedder::open(&config.models_dir, &config.embed, metrics.clone())?;
-        let store = Arc::new(Store::open(
-            &config.data_dir.join("store"),
-            config.cache_bytes,
-        )?);
+        let store_dir = config.data_dir.join("store");
+        let store = Arc::new(Store::open(&store_dir, config.cache_bytes)?);
+        // Before anything is served: a store that lost acknowledged commits must not answer.
+        let ledger_path = config.data_dir.join("ledger");
+        let store_seq = store.commit_seq()?;
+        Ledger::check(
+            &Ledger::read(&ledger_path)?,
+            store_seq,
+            store.is_empty(),
+            (&store_dir, &ledger_path),
+            config.accept_lost_commits,
+        )?;
+        let ledger = Ledger::open(&ledger_path, store_seq)?;
         // A store that already holds vaults must find their keys: never start a fresh keyring
         // over data sealed by a lost one.
         let keyring = Keyring::open(
@@ -243,7 +253,7 @@ impl App {
             &master,
             store.vault_count() == 0,
         )?;
-        let committer = store.committer(metrics.clone())?;
+        let committer = store.committer(metrics.clone(), ledger)?;
         let auth_failures = FailureThrottle::new(
             config.limits.auth_failures_per_second,
             config.limits.auth_failure_burst,
@@ -356,7 +366,8 @@ impl App {
         self.begin_shutdown();
         self.embedder.close();
         self.doorbell.ring();
-        self.store.sync()
+        self.store.sync()?;
+        self.committer.sync_ledger()
     }
 
     /// `/readyz`: ready, and able to make writes durable.

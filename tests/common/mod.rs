@@ -89,6 +89,14 @@ impl Daemon {
 
     /// Starts the daemon and returns once it listens (it may still be replaying).
     pub fn spawn(data_dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::try_spawn(data_dir, args).unwrap_or_else(|stderr| {
+            panic!("the daemon exited instead of listening; stderr:\n{stderr}")
+        })
+    }
+
+    /// [`Daemon::spawn`], or the daemon's stderr if it exits before it listens (a refused
+    /// start-up).
+    pub fn try_spawn(data_dir: &Path, args: &[&str]) -> Result<Daemon, String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_memory-sidecar"));
         for (name, _) in std::env::vars() {
             if name.starts_with("MEMORY_SIDECAR_") {
@@ -112,7 +120,7 @@ impl Daemon {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let sink = stderr.clone();
         let err_pipe = child.stderr.take().expect("stderr piped");
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -122,23 +130,26 @@ impl Daemon {
         stdout
             .read_line(&mut line)
             .expect("reading the daemon's stdout");
-        let addr = line
+        let Some(addr) = line
             .trim()
             .strip_prefix("memory-sidecar listening on http://")
-            .unwrap_or_else(|| {
-                panic!(
-                    "daemon did not report its address; stdout {line:?}, stderr:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                )
-            })
-            .parse()
-            .expect("a socket address");
-        Daemon {
+        else {
+            // stdout closed: the daemon is exiting; collect all it said.
+            child.wait().expect("reaping the daemon");
+            reader.join().expect("the stderr reader");
+            return Err(format!(
+                "stdout {line:?}, stderr:\n{}",
+                stderr.lock().unwrap().join("\n")
+            ));
+        };
+        Ok(Daemon {
             child,
-            client: Client { addr },
+            client: Client {
+                addr: addr.parse().expect("a socket address"),
+            },
             data_dir: data_dir.to_owned(),
             stderr,
-        }
+        })
     }
 
     pub fn stderr(&self) -> String {
