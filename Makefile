@@ -5,7 +5,7 @@
 MODELS_DIR ?= models
 CARGO ?= cargo
 
-.PHONY: run test models build release lint bench clean-data
+.PHONY: run test models build release lint bench fuzz clean-data
 
 run: models
 	$(CARGO) run --release --bin memory-sidecar
@@ -32,3 +32,16 @@ lint:
 
 bench: models
 	$(CARGO) bench
+
+# Coverage-guided fuzzing of the request parsers (fuzz/fuzz_targets), FUZZ_SECONDS each.
+# cargo-fuzz wants nightly-only flags; RUSTC_BOOTSTRAP lets this machine's stable toolchain
+# accept them. `-s none`: no sanitizer (safe Rust; a panic is what is looked for).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = request_bodies upload_jsonl memory_key headers
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$target && \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none $$target corpus/$$target seeds/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=65536 || exit 1; \
+	done

@@ -5,7 +5,7 @@
 //! bytes (413), and total request time. Shutdown stops accepting, lets in-flight requests finish
 //! within a deadline, and answers any request that arrives meanwhile with 503 `shutting_down`.
 
-mod wire;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -570,7 +570,7 @@ fn carries_credential(headers: &HeaderMap) -> bool {
 
 /// The memory or admin key: `X-Memory-Key` first (so a caller may keep a provider key in
 /// `Authorization`), then `Authorization: Bearer`, then `x-api-key`.
-fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let raw = if let Some(value) = headers.get("x-memory-key") {
         value.to_str().map_err(|_| ApiError::InvalidKey)?.trim()
     } else if let Some(value) = headers.get(AUTHORIZATION) {
@@ -594,7 +594,7 @@ fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(raw.to_owned()))
 }
 
-fn session_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub fn session_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("x-session-id") else {
         return Ok(None);
     };
