@@ -135,6 +135,15 @@ fn main() {
         filled as f64 / indexed.as_secs_f64()
     );
 
+    // The bare model on the same corpus, in this process, while the daemon is idle: the
+    // embedding-efficiency ratio is the fill's embedding rate through the daemon over this.
+    let bare = bare_model_texts_per_second(&mut Rng(0x0B00_B1E5));
+    println!(
+        "embedding efficiency: {:.0} memories/s embedded through the daemon during the fill / {bare:.0} texts/s from the bare model (batch 32, same corpus, this run) = {:.2}",
+        filled as f64 / indexed.as_secs_f64(),
+        filled as f64 / indexed.as_secs_f64() / bare
+    );
+
     // The first prepare of each vault loads its index from the store (decrypting vectors and
     // terms, building the BM25 windows): timed apart, so the mix below measures steady state.
     let mut first = Vec::new();
@@ -272,4 +281,38 @@ fn main() {
             ms(latencies.last().copied().unwrap_or_default()),
         );
     }
+}
+
+/// Texts per second from one bare ONNX Runtime session (the daemon's thread count and graph
+/// level defaults) at batch 32, over generated sentences, for a few seconds.
+fn bare_model_texts_per_second(rng: &mut Rng) -> f64 {
+    use memory_sidecar::config::GraphOptimization;
+    use memory_sidecar::embed::{load_session, load_tokenizer, run_batch, TOKENIZER_FILE};
+    let models = common::models_dir();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tokenizer = load_tokenizer(&models.join(TOKENIZER_FILE), 256).expect("tokenizer");
+    let mut session = load_session(&models, threads, GraphOptimization::Basic).expect("model");
+    let tokens: Vec<Vec<u32>> = (0..256)
+        .map(|_| {
+            let text = sentence(rng);
+            tokenizer
+                .encode(text.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        })
+        .collect();
+    let started = Instant::now();
+    let mut texts = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let batch: Vec<&[u32]> = tokens[texts % 256..]
+            .iter()
+            .chain(tokens.iter())
+            .take(32)
+            .map(Vec::as_slice)
+            .collect();
+        run_batch(&mut session, &batch).unwrap();
+        texts += batch.len();
+    }
+    texts as f64 / started.elapsed().as_secs_f64()
 }

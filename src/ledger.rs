@@ -29,44 +29,33 @@ pub struct Ledger {
     path: PathBuf,
 }
 
-/// What the ledger file held when it was opened.
+/// What the ledger file held at start-up.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
     /// No ledger file: a new data directory (or one whose ledger was removed).
     Missing,
     /// The last commit the store made durable, as far as the ledger knows.
     Commit(u64),
+    /// A file of the wrong length, magic or checksum; what is wrong with it.
+    Damaged(String),
 }
 
 impl Ledger {
-    /// What the ledger at `path` holds, without changing anything. A file of the wrong length,
-    /// magic or checksum is an error that names the file.
-    pub fn read(path: &Path) -> anyhow::Result<Recorded> {
+    /// What the ledger at `path` holds, without changing anything.
+    pub fn read(path: &Path) -> Recorded {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Recorded::Missing)
-            }
-            Err(error) => {
-                return Err(error)
-                    .with_context(|| format!("reading the commit ledger {}", path.display()))
-            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Recorded::Missing,
+            Err(error) => return Recorded::Damaged(format!("it cannot be read: {error}")),
         };
         if bytes.len() != LEN {
-            bail!(
-                "the commit ledger {} is damaged: {} bytes, expected {LEN}",
-                path.display(),
-                bytes.len()
-            );
+            return Recorded::Damaged(format!("{} bytes, expected {LEN}", bytes.len()));
         }
         let seq = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         if &bytes[..8] != MAGIC || bytes[16..] != checksum(seq) {
-            bail!(
-                "the commit ledger {} is damaged (bad magic or checksum)",
-                path.display()
-            );
+            return Recorded::Damaged("bad magic or checksum".to_owned());
         }
-        Ok(Recorded::Commit(seq))
+        Recorded::Commit(seq)
     }
 
     /// Opens (or creates) the ledger and sets it to `seq`, durably.
@@ -94,26 +83,36 @@ impl Ledger {
 
     /// Checks the store's last commit against the ledger's, before anything is served.
     /// `accept_loss` (the operator's `--accept-lost-commits`) turns a refusal into a warning.
+    ///
+    /// No ledger and a store that never numbered a commit is a new data directory (or one
+    /// written before the ledger existed): nothing to check. No ledger beside a store that did
+    /// number its commits means the ledger was lost, and with it the check.
     pub fn check(
         recorded: &Recorded,
         store_seq: u64,
-        store_empty: bool,
         paths: (&Path, &Path),
         accept_loss: bool,
     ) -> anyhow::Result<()> {
         let (store, ledger) = (paths.0.display(), paths.1.display());
-        let problem = match *recorded {
-            Recorded::Commit(acknowledged) if store_seq < acknowledged => format!(
+        let problem = match recorded {
+            Recorded::Commit(acknowledged) if store_seq < *acknowledged => format!(
                 "the store in {store} holds commits up to {store_seq}, but commit {acknowledged} \
                  was acknowledged (commit ledger {ledger}): the store's files were truncated, \
                  damaged or replaced, and acknowledged memories would be missing. Restore the \
                  whole data directory from a backup, or start with --accept-lost-commits to \
                  serve what the store still holds"
             ),
-            Recorded::Missing if !store_empty => format!(
-                "the store in {store} holds data but its commit ledger {ledger} is missing, so \
-                 lost commits could not be noticed. If the data directory was copied without \
-                 it, copy it too; or start with --accept-lost-commits to trust the store as it is"
+            Recorded::Missing if store_seq > 0 => format!(
+                "the store in {store} has made {store_seq} commits but its commit ledger \
+                 {ledger} is missing, so lost commits could not be noticed. If the data \
+                 directory was copied without it, copy it too; or start with \
+                 --accept-lost-commits to trust the store as it is"
+            ),
+            Recorded::Damaged(what) => format!(
+                "the commit ledger {ledger} is damaged ({what}), so the store in {store} cannot \
+                 be checked for lost commits. Restore the data directory from a backup, or \
+                 start with --accept-lost-commits to trust the store as it is (the ledger is \
+                 rewritten)"
             ),
             _ => return Ok(()),
         };
@@ -171,48 +170,53 @@ mod tests {
     fn a_ledger_keeps_what_it_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger");
-        assert_eq!(Ledger::read(&path).unwrap(), Recorded::Missing);
+        assert_eq!(Ledger::read(&path), Recorded::Missing);
         let ledger = Ledger::open(&path, 0).unwrap();
-        assert_eq!(Ledger::read(&path).unwrap(), Recorded::Commit(0));
+        assert_eq!(Ledger::read(&path), Recorded::Commit(0));
         ledger.record(41).unwrap();
         ledger.record(42).unwrap();
         drop(ledger);
-        assert_eq!(Ledger::read(&path).unwrap(), Recorded::Commit(42));
+        assert_eq!(Ledger::read(&path), Recorded::Commit(42));
     }
 
     #[test]
     fn a_store_behind_its_ledger_or_without_one_is_refused_unless_accepted() {
         let paths = (Path::new("/d/store"), Path::new("/d/ledger"));
-        let check = |recorded, seq, empty, accept| {
-            Ledger::check(&recorded, seq, empty, paths, accept).map_err(|e| e.to_string())
+        let check = |recorded, seq, accept| {
+            Ledger::check(&recorded, seq, paths, accept).map_err(|e| e.to_string())
         };
-        assert!(check(Recorded::Commit(10), 10, false, false).is_ok());
+        assert!(check(Recorded::Commit(10), 10, false).is_ok());
         // A crash between the store's fsync and the ledger's write leaves the store ahead.
-        assert!(check(Recorded::Commit(10), 11, false, false).is_ok());
-        let behind = check(Recorded::Commit(10), 9, false, false).unwrap_err();
+        assert!(check(Recorded::Commit(10), 11, false).is_ok());
+        let behind = check(Recorded::Commit(10), 9, false).unwrap_err();
         assert!(behind.contains("commit 10") && behind.contains("--accept-lost-commits"));
-        assert!(check(Recorded::Commit(10), 9, false, true).is_ok());
-        assert!(check(Recorded::Missing, 0, true, false).is_ok());
-        let missing = check(Recorded::Missing, 5, false, false).unwrap_err();
+        assert!(check(Recorded::Commit(10), 9, true).is_ok());
+        // A new data directory.
+        assert!(check(Recorded::Missing, 0, false).is_ok());
+        let missing = check(Recorded::Missing, 5, false).unwrap_err();
         assert!(missing.contains("missing"), "{missing}");
-        assert!(check(Recorded::Missing, 5, false, true).is_ok());
+        assert!(check(Recorded::Missing, 5, true).is_ok());
+        let damaged = check(Recorded::Damaged("3 bytes".into()), 0, false).unwrap_err();
+        assert!(damaged.contains("damaged (3 bytes)"), "{damaged}");
+        assert!(check(Recorded::Damaged("3 bytes".into()), 0, true).is_ok());
     }
 
     #[test]
-    fn a_damaged_ledger_is_an_error_naming_the_file() {
+    fn a_damaged_ledger_says_what_is_wrong_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger");
         Ledger::open(&path, 7).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[9] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let error = Ledger::read(&path).unwrap_err().to_string();
-        assert!(
-            error.contains("damaged") && error.contains("ledger"),
-            "{error}"
+        assert_eq!(
+            Ledger::read(&path),
+            Recorded::Damaged("bad magic or checksum".into())
         );
         std::fs::write(&path, &bytes[..20]).unwrap();
-        let error = Ledger::read(&path).unwrap_err().to_string();
-        assert!(error.contains("20 bytes"), "{error}");
+        assert_eq!(
+            Ledger::read(&path),
+            Recorded::Damaged("20 bytes, expected 32".into())
+        );
     }
 }

@@ -397,11 +397,6 @@ impl Store {
         })
     }
 
-    /// Whether the store holds no key, vault or memory at all.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.vaults.is_empty() && self.memories.is_empty()
-    }
-
     /// Starts the group-commit thread for this store; it keeps `ledger` in step.
     pub fn committer(&self, metrics: Metrics, ledger: Ledger) -> anyhow::Result<Committer> {
         Committer::start(self, metrics, ledger)

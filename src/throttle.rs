@@ -1,9 +1,11 @@
 //! A token bucket per client address for failed authentications.
 //!
-//! Guessing a key is hopeless (190 random bits), but every guess with a well-formed key still
-//! costs a store lookup and a hash. Past a burst of failures an address's keyed requests are
-//! refused with 429 before any key is looked at, until its bucket refills. A correctly
-//! configured gateway never fails to authenticate, so it never meets the limit.
+//! Past a burst of failures, an address's further failures are answered 429 with the time to
+//! wait instead of 401, until its bucket refills: a misconfigured or hostile client is told to
+//! back off, and the operator sees it in the metrics. A valid key is never refused by this:
+//! the sidecar's clients share an address (the gateway, on loopback), so a lock-out would let
+//! any local process shut every user out, while guessing a 190-bit secret is hopeless at any
+//! rate. IPv6 addresses count by their /64, the block one host usually holds.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,27 +37,13 @@ impl FailureThrottle {
         }
     }
 
-    /// `Err(retry_after_s)` when the address has no failures left to spend.
-    pub fn check(&self, address: IpAddr, now_ms: i64) -> Result<(), u64> {
+    /// Spends one failure from the address's bucket: `Err(retry_after_s)` when there was
+    /// none left to spend.
+    pub fn record_failure(&self, address: IpAddr, now_ms: i64) -> Result<(), u64> {
         if self.rate <= 0.0 {
             return Ok(());
         }
-        let mut buckets = self.buckets.lock().expect("throttle lock");
-        let Some(bucket) = buckets.get_mut(&address) else {
-            return Ok(());
-        };
-        self.refill(bucket, now_ms);
-        if bucket.tokens >= 1.0 {
-            return Ok(());
-        }
-        Err(((1.0 - bucket.tokens) / self.rate).ceil().max(1.0) as u64)
-    }
-
-    /// Spends one token of the address's bucket for a failed authentication.
-    pub fn record_failure(&self, address: IpAddr, now_ms: i64) {
-        if self.rate <= 0.0 {
-            return;
-        }
+        let address = block_of(address);
         let mut buckets = self.buckets.lock().expect("throttle lock");
         if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&address) {
             self.forget_some(&mut buckets, now_ms);
@@ -66,7 +54,11 @@ impl FailureThrottle {
             refilled_ms: now_ms,
         });
         self.refill(bucket, now_ms);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(((1.0 - bucket.tokens) / self.rate).ceil().max(1.0) as u64)
     }
 
     fn refill(&self, bucket: &mut Bucket, now_ms: i64) {
@@ -95,6 +87,22 @@ impl FailureThrottle {
     }
 }
 
+/// The unit an address is counted by: itself for IPv4, its /64 for IPv6 (IPv4-mapped IPv6
+/// addresses count as the IPv4 address).
+fn block_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::from(segments)
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,27 +112,42 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_failures_closes_the_address_until_it_refills() {
+    fn past_a_burst_failures_are_refused_until_the_bucket_refills() {
         let throttle = FailureThrottle::new(2.0, 3);
         for _ in 0..3 {
-            assert_eq!(throttle.check(ip(1), 0), Ok(()));
-            throttle.record_failure(ip(1), 0);
+            assert_eq!(throttle.record_failure(ip(1), 0), Ok(()));
         }
-        assert_eq!(throttle.check(ip(1), 0), Err(1));
+        assert_eq!(throttle.record_failure(ip(1), 0), Err(1));
         // Another address is untouched.
-        assert_eq!(throttle.check(ip(2), 0), Ok(()));
+        assert_eq!(throttle.record_failure(ip(2), 0), Ok(()));
         // Half a second at 2/s refills one failure.
-        assert_eq!(throttle.check(ip(1), 499), Err(1));
-        assert_eq!(throttle.check(ip(1), 500), Ok(()));
+        assert_eq!(throttle.record_failure(ip(1), 499), Err(1));
+        assert_eq!(throttle.record_failure(ip(1), 500), Ok(()));
+        assert_eq!(throttle.record_failure(ip(1), 500), Err(1));
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_slash_64() {
+        let throttle = FailureThrottle::new(1.0, 2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(throttle.record_failure(a, 0), Ok(()));
+        assert_eq!(throttle.record_failure(b, 0), Ok(()));
+        assert!(throttle.record_failure(a, 0).is_err());
+        assert_eq!(throttle.record_failure(elsewhere, 0), Ok(()));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(throttle.record_failure(mapped, 0), Ok(()));
+        assert_eq!(throttle.record_failure(ip(1), 0), Ok(()));
+        assert!(throttle.record_failure(ip(1), 0).is_err());
     }
 
     #[test]
     fn no_rate_means_no_limit() {
         let throttle = FailureThrottle::new(0.0, 1);
         for _ in 0..100 {
-            throttle.record_failure(ip(1), 0);
+            assert_eq!(throttle.record_failure(ip(1), 0), Ok(()));
         }
-        assert_eq!(throttle.check(ip(1), 0), Ok(()));
         assert_eq!(throttle.tracked(), 0);
     }
 
@@ -132,15 +155,15 @@ mod tests {
     fn the_table_of_addresses_is_bounded() {
         let throttle = FailureThrottle::new(1.0, 10);
         for n in 0..(MAX_ADDRESSES as u32 * 3) {
-            throttle.record_failure(IpAddr::from(n.to_be_bytes()), i64::from(n));
+            let _ = throttle.record_failure(IpAddr::from(n.to_be_bytes()), i64::from(n));
         }
         assert!(throttle.tracked() <= MAX_ADDRESSES);
         // The newest offender is still held to its budget: nine more failures empty it.
         let now = i64::from(MAX_ADDRESSES as u32 * 3);
         let last = IpAddr::from((MAX_ADDRESSES as u32 * 3 - 1).to_be_bytes());
         for _ in 0..9 {
-            throttle.record_failure(last, now);
+            assert_eq!(throttle.record_failure(last, now), Ok(()));
         }
-        assert!(throttle.check(last, now).is_err());
+        assert!(throttle.record_failure(last, now).is_err());
     }
 }

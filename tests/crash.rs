@@ -497,6 +497,11 @@ fn a_damaged_store_stops_start_up_instead_of_answering_with_less() {
         stderr.contains("ledger") && stderr.contains("damaged"),
         "{stderr}"
     );
+    // Accepted, it is rewritten from the store, which is whole here.
+    let daemon = Daemon::start(&garbled_ledger, &["--accept-lost-commits"]);
+    assert_eq!(daemon.export(&key).len(), 120);
+    daemon.kill9();
+    assert_eq!(Daemon::start(&garbled_ledger, &[]).export(&key).len(), 120);
 
     // The operator may choose to serve what is left: loudly, once; the ledger follows the store.
     let truncated = &refusals[0];

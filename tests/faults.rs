@@ -194,6 +194,10 @@ fn a_filling_disk_stops_new_memories_and_recovers_when_space_returns() {
         "{}",
         refused.text()
     );
+    // A retry of an exchange already stored is answered as before: nothing new to write.
+    let retried = ingest(&daemon, &key, exchange(3, 1));
+    assert_eq!(retried.status, 202, "{}", retried.text());
+    assert_eq!(retried.json()["stored"], 0);
     let upload = daemon.request(
         "POST",
         "/v1/memory/upload",
@@ -203,7 +207,10 @@ fn a_filling_disk_stops_new_memories_and_recovers_when_space_returns() {
         ],
         b"{\"content\": \"an imported note\"}\n",
     );
-    assert_eq!(upload.error_code(), "disk_full", "{}", upload.text());
+    // An import is answered line by line: each line not stored says why.
+    let report = upload.json();
+    assert_eq!(report["errors"][0]["code"], "disk_full", "{report}");
+    assert_eq!(report["stats"]["stored"], 0, "{report}");
     let mint = daemon.post_json("/v1/keys", Some(ADMIN_KEY), None, &json!({"name": "new"}));
     assert_eq!(mint.error_code(), "disk_full", "{}", mint.text());
 

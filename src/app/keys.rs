@@ -88,7 +88,12 @@ impl App {
             .operations
             .with_label_values(&[action, label])
             .inc();
-        if let Err(error) = self
+        // A write refused for want of disk space leaves no row either: the reserve is not for
+        // a log of refusals.
+        let refused_for_space = matches!(result, Err(ApiError::DiskFull { .. }));
+        if refused_for_space {
+            tracing::warn!(action, "refused: the data filesystem is under its reserve");
+        } else if let Err(error) = self
             .store
             .append_audit(&entry, self.config.limits.max_audit_entries)
         {

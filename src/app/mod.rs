@@ -239,12 +239,14 @@ impl App {
         let ledger_path = config.data_dir.join("ledger");
         let store_seq = store.commit_seq()?;
         Ledger::check(
-            &Ledger::read(&ledger_path)?,
+            &Ledger::read(&ledger_path),
             store_seq,
-            store.is_empty(),
             (&store_dir, &ledger_path),
             config.accept_lost_commits,
         )?;
+        // The store's last commit may be only in the page cache (a kill between the commit's
+        // flush and its fsync): make it durable before the ledger says it is.
+        store.sync()?;
         let ledger = Ledger::open(&ledger_path, store_seq)?;
         // A store that already holds vaults must find their keys: never start a fresh keyring
         // over data sealed by a lost one.
@@ -388,25 +390,24 @@ impl App {
         }
     }
 
-    /// Refuses a keyed request from an address that has spent its failed authentications.
-    pub fn check_auth_budget(&self, address: IpAddr) -> Result<(), ApiError> {
-        self.auth_failures
-            .check(address, self.now_ms())
-            .map_err(|retry_after_s| ApiError::AuthRateLimited { retry_after_s })
-    }
-
-    /// Counts a request's failed authentication against its address. Keys that were right but
-    /// revoked, rotated or expired are not guesses and are not counted.
-    pub fn note_auth_outcome(&self, address: IpAddr, error: &ApiError) {
-        if matches!(
+    /// A request's error, after counting a failed authentication against its address: once
+    /// the address has spent its budget, the failure is answered 429 `auth_rate_limited`
+    /// instead. Keys that were right but revoked, rotated or expired are not guesses and are
+    /// not counted; a valid key is never refused here (see [`FailureThrottle`]).
+    pub fn count_auth_failure(&self, address: IpAddr, error: ApiError) -> ApiError {
+        if !matches!(
             error,
             ApiError::InvalidKey | ApiError::UnknownKey | ApiError::InvalidAdminKey
         ) {
-            self.metrics
-                .auth_failures
-                .with_label_values(&[error.code()])
-                .inc();
-            self.auth_failures.record_failure(address, self.now_ms());
+            return error;
+        }
+        self.metrics
+            .auth_failures
+            .with_label_values(&[error.code()])
+            .inc();
+        match self.auth_failures.record_failure(address, self.now_ms()) {
+            Ok(()) => error,
+            Err(retry_after_s) => ApiError::AuthRateLimited { retry_after_s },
         }
     }
 
@@ -773,7 +774,6 @@ impl App {
         vault: VaultId,
         memories: &[NewMemory],
     ) -> Result<Vec<(MemoryId, bool)>, ApiError> {
-        self.check_disk_room()?;
         let cipher = self.cipher(vault)?;
         if self.store.vault(vault)?.is_some_and(|r| r.erasing) {
             tracing::error!(%vault, "refusing writes to a vault whose erasure did not finish");
@@ -784,6 +784,10 @@ impl App {
             .store
             .count_new(vault, &cipher, memories)
             .map_err(storage_error("checking for duplicates"))?;
+        if fresh > 0 {
+            // A retry of what is already stored is answered even on a full disk.
+            self.check_disk_room()?;
+        }
         self.reserve(vault, fresh)?;
         let outcome = match self.store.insert_memories(vault, &cipher, memories) {
             Ok(outcome) => outcome,

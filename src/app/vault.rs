@@ -304,7 +304,9 @@ impl App {
                     result.stored += stored;
                     result.duplicates += outcome.len() - stored;
                 }
-                Err(error @ ApiError::VaultFull { .. }) => {
+                // The chunks before were stored: report this one's lines, and go on (a later
+                // chunk of duplicates is still answered).
+                Err(error @ (ApiError::VaultFull { .. } | ApiError::DiskFull { .. })) => {
                     for (line, _) in chunk {
                         fail(&mut result, *line, error.code(), error.to_string());
                     }

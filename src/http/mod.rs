@@ -216,23 +216,12 @@ async fn handle(
     // Decremented on drop: hyper drops this future when a client hangs up mid-request.
     let _in_flight = InFlight::enter(&app.metrics.http_in_flight);
     let timeout = app.config().limits.request_timeout;
-    let outcome = if carries_credential(request.headers()) {
-        app.check_auth_budget(peer)
-    } else {
-        Ok(())
-    };
-    let outcome = match outcome {
-        Ok(()) => {
-            match tokio::time::timeout(timeout, dispatch(&app, &inflight, route, request)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
-            }
+    let outcome =
+        match tokio::time::timeout(timeout, dispatch(&app, &inflight, route, request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
         }
-        Err(refused) => Err(refused),
-    };
-    if let Err(error) = &outcome {
-        app.note_auth_outcome(peer, error);
-    }
+        .map_err(|error| app.count_auth_failure(peer, error));
     let response = outcome.unwrap_or_else(|error| error_response(route, error));
     let status_class = match response.status().as_u16() {
         100..=199 => "1xx",
@@ -559,13 +548,6 @@ fn memory_caller(
 ) -> Result<(MemoryAccess, Option<String>), ApiError> {
     let access = app.memory_access(credential)?;
     Ok((access, session_id(headers)?))
-}
-
-/// Whether the request presents a key at all (the failed-authentication budget applies).
-fn carries_credential(headers: &HeaderMap) -> bool {
-    ["x-memory-key", "authorization", "x-api-key"]
-        .iter()
-        .any(|name| headers.contains_key(*name))
 }
 
 /// The memory or admin key: `X-Memory-Key` first (so a caller may keep a provider key in
