@@ -1,7 +1,7 @@
 //! Load driver over HTTP: concurrent prepare and ingest against the real daemon.
 //!
 //! `cargo bench --bench load -- [--clients 16] [--seconds 20] [--vaults 16]
-//!  [--memories 1000] [--ingest-fraction 0.2] [--rate 0]`
+//!  [--memories 1000] [--ingest-fraction 0.2] [--rate 0] [--daemon-args "--embed-workers 2"]`
 //!
 //! It starts the release daemon on a temp dir, fills `--vaults` vaults with `--memories`
 //! generated memories each (varied sentences, through the public ingest API), waits until they
@@ -27,6 +27,7 @@ struct Options {
     memories: usize,
     ingest_fraction: f64,
     rate: f64,
+    daemon_args: Vec<String>,
 }
 
 fn options() -> Options {
@@ -37,6 +38,7 @@ fn options() -> Options {
         memories: 1000,
         ingest_fraction: 0.2,
         rate: 0.0,
+        daemon_args: Vec::new(),
     };
     let args: Vec<String> = std::env::args().collect();
     // Under `cargo test` (no `--bench` argument) run a smoke-sized pass, so the driver is
@@ -49,6 +51,7 @@ fn options() -> Options {
             memories: 50,
             ingest_fraction: 0.2,
             rate: 0.0,
+            daemon_args: Vec::new(),
         };
     }
     let mut i = 1;
@@ -66,6 +69,9 @@ fn options() -> Options {
             "--memories" => options.memories = parsed() as usize,
             "--ingest-fraction" => options.ingest_fraction = parsed(),
             "--rate" => options.rate = parsed(),
+            "--daemon-args" => {
+                options.daemon_args = value.split_whitespace().map(str::to_owned).collect()
+            }
             _ => {
                 i += 1;
                 continue;
@@ -80,10 +86,9 @@ fn main() {
     let options = options();
     let dir = tempfile::tempdir().unwrap();
     // No per-key rate limit: this measures the daemon, not the limiter.
-    let daemon = Daemon::start(
-        dir.path(),
-        &["--max-inflight", "1024", "--key-rate-per-second", "0"],
-    );
+    let mut args = vec!["--max-inflight", "1024", "--key-rate-per-second", "0"];
+    args.extend(options.daemon_args.iter().map(String::as_str));
+    let daemon = Daemon::start(dir.path(), &args);
     let keys: Vec<String> = (0..options.vaults)
         .map(|i| daemon.mint_key(&format!("load:{i}")))
         .collect();

@@ -163,9 +163,14 @@ pub struct Flags {
     )]
     pub shutdown_timeout_ms: u64,
 
-    /// Threads ONNX Runtime uses for one batch (0 = one per core).
+    /// Threads ONNX Runtime uses for one batch (0 = one per core), shared out among the
+    /// model workers.
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_THREADS", default_value_t = 0)]
     pub embed_threads: usize,
+    /// Model workers: sessions that each run their own batches from the one queue, with
+    /// `--embed-threads` divided among them (1 = one session using every thread).
+    #[arg(long, env = "MEMORY_SIDECAR_EMBED_WORKERS", default_value_t = 1)]
+    pub embed_workers: usize,
     /// ONNX Runtime graph optimisation level.
     #[arg(
         long,
@@ -259,7 +264,9 @@ pub struct Limits {
 
 #[derive(Clone, Debug)]
 pub struct EmbedConfig {
+    /// Intra-op threads per worker's session.
     pub threads: usize,
+    pub workers: usize,
     pub optimization: GraphOptimization,
     pub batch_texts: usize,
     pub queue_texts: usize,
@@ -389,6 +396,12 @@ impl Flags {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        if self.embed_workers == 0 || self.embed_workers > threads {
+            bail!(
+                "--embed-workers must be 1 to the embedding threads ({threads}), got {}",
+                self.embed_workers
+            );
+        }
         Ok(Config {
             listen: self.listen,
             master_key_file: self
@@ -421,7 +434,8 @@ impl Flags {
                 shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             },
             embed: EmbedConfig {
-                threads,
+                threads: threads / self.embed_workers,
+                workers: self.embed_workers,
                 optimization: self.embed_graph_optimization,
                 batch_texts: self.embed_batch_texts,
                 queue_texts: self.embed_queue_texts,
@@ -469,5 +483,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--max-text-tokens"), "{error}");
+        let error = parse(&["--embed-threads", "2", "--embed-workers", "3"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--embed-workers"), "{error}");
+        let error = parse(&["--auth-failures-per-second=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--auth-failures-per-second"), "{error}");
+    }
+
+    #[test]
+    fn embedding_threads_are_shared_out_among_the_workers() {
+        let config = parse(&["--embed-threads", "4", "--embed-workers", "2"]).unwrap();
+        assert_eq!((config.embed.workers, config.embed.threads), (2, 2));
+        let config = parse(&["--embed-threads", "2"]).unwrap();
+        assert_eq!((config.embed.workers, config.embed.threads), (1, 2));
     }
 }

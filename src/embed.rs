@@ -1,7 +1,7 @@
-//! Sentence embeddings: the tokenizer and one ONNX Runtime session on a thread of their own.
+//! Sentence embeddings: the tokenizer and ONNX Runtime sessions on threads of their own.
 //!
-//! Callers tokenize on their own thread, then queue a job. The model thread takes whatever is
-//! queued up to a batch size (waiting queries alone; background work only when no query waits),
+//! Callers tokenize on their own thread, then queue a job. A model thread (one per worker,
+//! each with its own session) takes whatever is queued up to a batch size (waiting queries alone; background work only when no query waits),
 //! pads the batch to its longest member, runs it, mean-pools over the attention mask and
 //! L2-normalises. There is no timer: an idle daemon runs a lone query at once, a busy one
 //! batches what piled up meanwhile.
@@ -320,25 +320,27 @@ impl Embedder {
     ) -> anyhow::Result<Embedder> {
         let [_, _, tokenizer_path] = model_files(models_dir)?;
         let tokenizer = Arc::new(load_tokenizer(&tokenizer_path, config.max_text_tokens)?);
-        let mut session = load_session(models_dir, config.threads, config.optimization)?;
         let queue = Arc::new(JobQueue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
             room: Condvar::new(),
             capacity_texts: config.queue_texts,
         });
-        let worker_queue = queue.clone();
-        let worker_metrics = metrics.clone();
-        let batch_texts = config.batch_texts;
-        std::thread::Builder::new()
-            .name("embed".into())
-            .spawn(move || {
-                while let Some(jobs) = worker_queue.take_batch(batch_texts, &worker_metrics) {
-                    run_jobs(&mut session, jobs, &worker_metrics);
-                }
-                tracing::debug!("embedding thread stopped");
-            })
-            .context("starting the embedding thread")?;
+        for worker in 0..config.workers {
+            let mut session = load_session(models_dir, config.threads, config.optimization)?;
+            let worker_queue = queue.clone();
+            let worker_metrics = metrics.clone();
+            let batch_texts = config.batch_texts;
+            std::thread::Builder::new()
+                .name(format!("embed-{worker}"))
+                .spawn(move || {
+                    while let Some(jobs) = worker_queue.take_batch(batch_texts, &worker_metrics) {
+                        run_jobs(&mut session, jobs, &worker_metrics);
+                    }
+                    tracing::debug!(worker, "embedding thread stopped");
+                })
+                .context("starting an embedding thread")?;
+        }
         Ok(Embedder {
             tokenizer,
             queue,

@@ -451,6 +451,20 @@ fn past_the_inflight_limit_requests_get_429() {
 
     // A slow client holds the only slot: its headers are in, its body is not.
     let slow = start_slow_prepare(daemon.addr, &key, &body);
+    // Wait until the daemon is working on it (the scrape counts itself too), so the loop
+    // below cannot take the slot first and leave the slow request the one refused.
+    let started = Instant::now();
+    loop {
+        let metrics = daemon.request("GET", "/metrics", &[], b"").text();
+        if metric_value(&metrics, "memory_sidecar_http_requests_in_flight") >= Some(2.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the slow request never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     let started = Instant::now();
     let rejected = loop {
@@ -821,4 +835,54 @@ fn slow_or_silent_clients_are_disconnected_by_the_header_timeout() {
     }
     // Other clients are served as usual.
     assert_eq!(daemon.request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn two_model_workers_serve_concurrent_clients_each_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--embed-threads",
+            "2",
+            "--embed-workers",
+            "2",
+            "--key-rate-per-second",
+            "0",
+        ],
+    );
+    let keys: Vec<String> = (0..4)
+        .map(|i| daemon.mint_key(&format!("user:{i}")))
+        .collect();
+    std::thread::scope(|scope| {
+        for (i, key) in keys.iter().enumerate() {
+            let daemon = &daemon;
+            scope.spawn(move || {
+                for n in 0..10 {
+                    let text = format!("User {i} keeps locker number {} at the pool.", i * 100 + n);
+                    daemon.ingest(key, None, json!([user(&text)]));
+                }
+            });
+        }
+    });
+    daemon.wait_indexed();
+    // Concurrent queries are batched across the two workers; each gets its own vector back.
+    std::thread::scope(|scope| {
+        for (i, key) in keys.iter().enumerate() {
+            let daemon = &daemon;
+            scope.spawn(move || {
+                for n in [0, 5, 9] {
+                    let number = (i * 100 + n).to_string();
+                    let question = format!("Which user keeps locker number {number}?");
+                    let answer = daemon.prepare(key, None, &question);
+                    let context = answer["context"].as_str().unwrap_or("");
+                    assert!(context.contains(&number), "user {i}: {answer}");
+                    assert!(
+                        !context.contains(&format!("User {} ", (i + 1) % 4)),
+                        "{answer}"
+                    );
+                }
+            });
+        }
+    });
 }
