@@ -1,0 +1,306 @@
+//! Scale: many memories across many vaults on one node. How long the daemon takes from start to
+//! ready, how much memory it holds, and how fast prepare answers, with every vault on disk.
+//!
+//! `cargo bench --bench scale -- [--memories 1000000] [--vaults 10000] [--touch 500]
+//!  [--clients 16] [--seconds 20]`
+//! (under `cargo test`: 2,000 memories in 20 vaults, as a smoke test of the driver).
+//!
+//! Embedding a million texts would take this machine about 100 minutes, so the data directory
+//! is written through the library, by the daemon's own code (`Store`, `Keyring`, sealing,
+//! `lexical::terms`): each memory's text is one of 2,000 generated sentences with a unique
+//! note number, and its vector is the real model's vector of that sentence. What this measures
+//! is size, start-up, memory and latency; retrieval quality is `benches/locomo.rs`'s.
+//! Then the release daemon is started on it (the restart), `--touch` vaults get their first
+//! prepare (the index load), and a fixed-rate prepare mix runs over those vaults.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::corpus::{ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
+use common::{Conn, Daemon};
+use memory_sidecar::auth::{NewKey, Scope};
+use memory_sidecar::config::GraphOptimization;
+use memory_sidecar::crypto::{Keyring, MasterKey};
+use memory_sidecar::embed::{load_session, load_tokenizer, run_batch, TOKENIZER_FILE};
+use memory_sidecar::store::{
+    EntryMeta, KeyRecord, MemoryRecord, NewMemory, Store, VaultId, VaultRecord,
+};
+use serde_json::json;
+
+struct Options {
+    memories: usize,
+    vaults: usize,
+    touch: usize,
+    clients: usize,
+    seconds: f64,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let mut options = Options {
+        memories: if smoke { 2_000 } else { 1_000_000 },
+        vaults: if smoke { 20 } else { 10_000 },
+        touch: if smoke { 10 } else { 500 },
+        clients: if smoke { 2 } else { 16 },
+        seconds: if smoke { 1.0 } else { 20.0 },
+    };
+    let mut i = 1;
+    while i < args.len() {
+        let value = args.get(i + 1).and_then(|v| v.parse::<f64>().ok());
+        match (args[i].as_str(), value) {
+            ("--memories", Some(v)) => options.memories = v as usize,
+            ("--vaults", Some(v)) => options.vaults = v as usize,
+            ("--touch", Some(v)) => options.touch = v as usize,
+            ("--clients", Some(v)) => options.clients = v as usize,
+            ("--seconds", Some(v)) => options.seconds = v,
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    options.touch = options.touch.min(options.vaults);
+    options
+}
+
+/// 2,000 sentences and the real model's vector of each.
+fn sentence_pool(rng: &mut Rng) -> Vec<(String, Vec<f32>)> {
+    let models = common::models_dir();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tokenizer = load_tokenizer(&models.join(TOKENIZER_FILE), 256).expect("tokenizer");
+    let mut session = load_session(&models, threads, GraphOptimization::Basic).expect("model");
+    let texts: Vec<String> = (0..2000).map(|_| sentence(rng)).collect();
+    let mut pool = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(32) {
+        let tokens: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|t| {
+                tokenizer
+                    .encode(t.as_str(), true)
+                    .unwrap()
+                    .get_ids()
+                    .to_vec()
+            })
+            .collect();
+        let slices: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+        let vectors = run_batch(&mut session, &slices).unwrap();
+        pool.extend(chunk.iter().cloned().zip(vectors));
+    }
+    pool
+}
+
+/// Writes `vaults` vaults of `memories / vaults` memories each, with one key per vault;
+/// returns the keys' texts.
+fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> {
+    let pool = sentence_pool(rng);
+    let store = Store::open(&data.join("store"), 256 << 20).unwrap();
+    let master = MasterKey::from_hex(common::MASTER_KEY).unwrap();
+    let keyring = Keyring::open(&data.join("keyring"), &master, true).unwrap();
+    let per_vault = options.memories / options.vaults;
+    let now = 1_790_000_000_000i64;
+    let mut keys = Vec::with_capacity(options.vaults);
+    for v in 0..options.vaults {
+        let vault = VaultId::generate();
+        let cipher = keyring.replace(vault).unwrap();
+        store
+            .create_vault(
+                vault,
+                &VaultRecord {
+                    created_at_ms: now,
+                    erasing: false,
+                    removing: false,
+                },
+            )
+            .unwrap();
+        let key = NewKey::generate();
+        store
+            .insert_key(&KeyRecord {
+                id: key.id.clone(),
+                name: format!("scale:{v}"),
+                hash: key.hash.clone(),
+                vault: vault.to_string(),
+                scopes: Scope::DEFAULT.to_vec(),
+                created_at_ms: now,
+                expires_days: None,
+                expires_at_ms: None,
+                revoked_at_ms: None,
+                deprecated_at_ms: None,
+                auto_revoke_at_ms: None,
+                rotated_to: None,
+                rotated_from: None,
+            })
+            .unwrap();
+        keys.push(key.full);
+        for chunk_start in (0..per_vault).step_by(500) {
+            let picks: Vec<(usize, usize)> = (chunk_start..(chunk_start + 500).min(per_vault))
+                .map(|n| (n, (rng.next() % pool.len() as u64) as usize))
+                .collect();
+            let memories: Vec<NewMemory> = picks
+                .iter()
+                .map(|(n, pick)| NewMemory {
+                    record: MemoryRecord {
+                        content: format!("{} (note {n})", pool[*pick].0),
+                        role: "user".into(),
+                        session_id: Some(format!("session-{}", n / 20)),
+                        created_at_ms: now + *n as i64 * 60_000,
+                        model: None,
+                        tags: Vec::new(),
+                        digest: String::new(),
+                    },
+                    explicit_timestamp: false,
+                })
+                .collect();
+            let ids = store.insert_memories(vault, &cipher, &memories).unwrap();
+            let items: Vec<_> = ids
+                .iter()
+                .zip(&memories)
+                .zip(&picks)
+                .map(|(((id, _), memory), (_, pick))| {
+                    let meta = EntryMeta {
+                        created_at_ms: memory.record.created_at_ms,
+                        session_id: memory.record.session_id.clone(),
+                        tags: Vec::new(),
+                        terms: memory_sidecar::lexical::terms(&memory.record.content),
+                    };
+                    (*id, pool[*pick].1.clone(), meta)
+                })
+                .collect();
+            store.insert_vectors(vault, &cipher, &items).unwrap();
+        }
+    }
+    store.sync().unwrap();
+    keys
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        dir_bytes(&p)
+                    } else {
+                        e.metadata().map_or(0, |m| m.len())
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let options = options();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut rng = Rng(0x5ca1e);
+    let started = Instant::now();
+    let keys = write_data_dir(&data, &options, &mut rng);
+    println!(
+        "scale: wrote {} memories in {} vaults through the library in {:.0} s; data directory {:.0} MiB",
+        options.memories / options.vaults * options.vaults,
+        options.vaults,
+        started.elapsed().as_secs_f64(),
+        dir_bytes(&data) as f64 / f64::from(1u32 << 20)
+    );
+
+    let started = Instant::now();
+    let daemon = Daemon::start(&data, &["--key-rate-per-second", "0"]);
+    let ready = started.elapsed();
+    let rss_ready = proc_status_mb(daemon.pid(), "VmRSS:");
+    println!(
+        "start to ready: {:.2} s; RSS at ready {rss_ready:.0} MiB",
+        ready.as_secs_f64()
+    );
+
+    // Each touched vault's first prepare loads its index.
+    let touched: Vec<&String> = keys
+        .iter()
+        .step_by(keys.len() / options.touch)
+        .take(options.touch)
+        .collect();
+    let mut first = Vec::new();
+    for key in &touched {
+        let body =
+            json!({"messages": [{"role": "user", "content": "what did I note about the garden?"}]});
+        let t = Instant::now();
+        let response = daemon.post_json("/v1/memory/prepare", Some(key), None, &body);
+        first.push(t.elapsed());
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    first.sort();
+    let rss_touched = proc_status_mb(daemon.pid(), "VmRSS:");
+    println!(
+        "first prepare of {} vaults (index load): p50 {} ms, p99 {} ms; RSS after {rss_touched:.0} MiB",
+        touched.len(),
+        ms(percentile(&first, 0.5)),
+        ms(percentile(&first, 0.99))
+    );
+
+    // Fixed-rate prepare over the touched vaults, latency from the scheduled time.
+    let rate = 60.0;
+    let interval = Duration::from_secs_f64(options.clients as f64 / rate);
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let run_started = Instant::now();
+    let total = Duration::from_secs_f64(options.seconds);
+    std::thread::scope(|scope| {
+        for client in 0..options.clients {
+            let (touched, latencies) = (&touched, latencies.clone());
+            let addr = daemon.addr;
+            scope.spawn(move || {
+                let mut rng = Rng(0x51de ^ (client as u64 + 1));
+                let mut conn = Conn::connect(addr).unwrap();
+                let mut scheduled =
+                    run_started + interval.mul_f64(client as f64 / options.clients as f64);
+                while run_started.elapsed() < total {
+                    let now = Instant::now();
+                    if scheduled > now {
+                        std::thread::sleep(scheduled - now);
+                    }
+                    let key = touched[(rng.next() % touched.len() as u64) as usize];
+                    let auth = format!("Bearer {key}");
+                    let question = format!(
+                        "What did {} say about {}?",
+                        rng.pick(PEOPLE),
+                        rng.pick(THINGS)
+                    );
+                    let body = json!({"messages": [{"role": "user", "content": question}]});
+                    let headers = [
+                        ("Content-Type", "application/json"),
+                        ("Authorization", auth.as_str()),
+                    ];
+                    let response = conn
+                        .send(
+                            "POST",
+                            "/v1/memory/prepare",
+                            &headers,
+                            body.to_string().as_bytes(),
+                        )
+                        .unwrap();
+                    assert_eq!(response.status, 200);
+                    latencies.lock().unwrap().push(scheduled.elapsed());
+                    scheduled += interval;
+                }
+            });
+        }
+    });
+    let mut latencies = latencies.lock().unwrap().clone();
+    latencies.sort();
+    println!(
+        "prepare, {} clients at {rate} req/s over those vaults: {} requests, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; peak RSS {:.0} MiB",
+        options.clients,
+        latencies.len(),
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.9)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().unwrap_or(&Duration::ZERO)),
+        proc_status_mb(daemon.pid(), "VmHWM:")
+    );
+}
