@@ -219,6 +219,14 @@ fn main() {
         "start to ready: {:.2} s; RSS at ready {rss_ready:.0} MiB",
         ready.as_secs_f64()
     );
+    for line in daemon.stderr().lines() {
+        if ["store open", "memories counted", "model loaded", "ready"]
+            .iter()
+            .any(|needle| line.contains(needle))
+        {
+            println!("  daemon: {}", line.trim());
+        }
+    }
 
     // Each touched vault's first prepare loads its index.
     let touched: Vec<&String> = keys
@@ -237,6 +245,11 @@ fn main() {
     }
     first.sort();
     let rss_touched = proc_status_mb(daemon.pid(), "VmRSS:");
+    let metrics = daemon.request("GET", "/metrics", &[], b"").text();
+    println!(
+        "indexes held in memory: {} memories (--max-loaded-memories bounds it)",
+        common::metric_value(&metrics, "memory_sidecar_index_loaded_memories").unwrap_or(-1.0)
+    );
     println!(
         "first prepare of {} vaults (index load): p50 {} ms, p99 {} ms; RSS after {rss_touched:.0} MiB",
         touched.len(),

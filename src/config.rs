@@ -209,6 +209,14 @@ pub struct Flags {
     /// Vault size from which an HNSW graph serves queries instead of an exact scan.
     #[arg(long, env = "MEMORY_SIDECAR_HNSW_THRESHOLD", default_value_t = 50_000)]
     pub hnsw_threshold: usize,
+    /// Memories kept in loaded vault indexes; past it the least recently queried vaults'
+    /// indexes are dropped and loaded again on their next query.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_MAX_LOADED_MEMORIES",
+        default_value_t = 400_000
+    )]
+    pub max_loaded_memories: usize,
     /// Start even if the store lost commits its ledger says were acknowledged (a damaged or
     /// replaced store), serving what it still holds; the ledger is reset to the store.
     #[arg(long, env = "MEMORY_SIDECAR_ACCEPT_LOST_COMMITS")]
@@ -282,6 +290,7 @@ pub struct RetrievalConfig {
     pub session_boost: f32,
     pub short_query_words: usize,
     pub hnsw_threshold: usize,
+    pub max_loaded_memories: usize,
 }
 
 impl Flags {
@@ -383,6 +392,7 @@ impl Flags {
             );
         }
         at_least("hnsw-threshold", self.hnsw_threshold, 1000)?;
+        at_least("max-loaded-memories", self.max_loaded_memories, 1000)?;
         for (name, ms) in [
             ("header-timeout-ms", self.header_timeout_ms),
             ("request-timeout-ms", self.request_timeout_ms),
@@ -449,6 +459,7 @@ impl Flags {
                 session_boost: self.session_boost,
                 short_query_words: self.short_query_words,
                 hnsw_threshold: self.hnsw_threshold,
+                max_loaded_memories: self.max_loaded_memories,
             },
             cache_bytes: self.cache_bytes,
             accept_lost_commits: self.accept_lost_commits,

@@ -545,16 +545,77 @@ impl Graph {
 type Slot = Arc<OnceLock<Result<RwLock<VaultIndex>, String>>>;
 
 /// Every loaded vault's index. A vault not yet loaded is loaded from the store on first use.
+///
+/// Loaded indexes are kept within a budget of memories: past it, the indexes of the vaults
+/// queried least recently are dropped (the store holds everything they held) and loaded again
+/// on their vault's next query. A dropped index still in use lives until its user is done.
 pub struct Indexes {
     slots: Mutex<HashMap<VaultId, Slot>>,
     hnsw_threshold: usize,
+    max_loaded_memories: usize,
+    /// Per loaded vault: when it was last queried (a tick) and how many memories it held then.
+    usage: Mutex<Usage>,
+}
+
+#[derive(Default)]
+struct Usage {
+    tick: u64,
+    vaults: HashMap<VaultId, (u64, usize)>,
+    memories: usize,
 }
 
 impl Indexes {
-    pub fn new(hnsw_threshold: usize) -> Indexes {
+    pub fn new(hnsw_threshold: usize, max_loaded_memories: usize) -> Indexes {
         Indexes {
             slots: Mutex::new(HashMap::new()),
             hnsw_threshold,
+            max_loaded_memories,
+            usage: Mutex::new(Usage::default()),
+        }
+    }
+
+    /// Memories in the loaded indexes, as last counted.
+    pub fn loaded_memories(&self) -> usize {
+        self.usage.lock().expect("index usage lock").memories
+    }
+
+    /// Notes a query of `vault` (holding `len` memories) and drops the least recently queried
+    /// other indexes while the loaded total is over the budget.
+    fn note_use(&self, vault: VaultId, len: usize) {
+        let mut usage = self.usage.lock().expect("index usage lock");
+        usage.tick += 1;
+        let tick = usage.tick;
+        let previous = usage
+            .vaults
+            .insert(vault, (tick, len))
+            .map_or(0, |(_, n)| n);
+        usage.memories = usage.memories + len - previous;
+        if usage.memories <= self.max_loaded_memories {
+            return;
+        }
+        let mut by_age: Vec<(u64, VaultId, usize)> = usage
+            .vaults
+            .iter()
+            .filter(|(v, _)| **v != vault)
+            .map(|(v, (t, n))| (*t, *v, *n))
+            .collect();
+        by_age.sort_unstable_by_key(|(t, _, _)| *t);
+        let mut slots = self.slots.lock().expect("index map lock");
+        for (_, old, n) in by_age {
+            if usage.memories <= self.max_loaded_memories {
+                break;
+            }
+            slots.remove(&old);
+            usage.vaults.remove(&old);
+            usage.memories -= n;
+        }
+    }
+
+    /// Forgets the usage of a vault whose index was dropped.
+    fn forget_use(&self, vault: VaultId) {
+        let mut usage = self.usage.lock().expect("index usage lock");
+        if let Some((_, n)) = usage.vaults.remove(&vault) {
+            usage.memories -= n;
         }
     }
 
@@ -596,7 +657,11 @@ impl Indexes {
                 anyhow::bail!("loading the index of {vault}: {error}");
             }
         };
-        let result = f(&index.read().expect("vault index lock"));
+        let (result, len) = {
+            let index = index.read().expect("vault index lock");
+            (f(&index), index.len())
+        };
+        self.note_use(vault, len);
         Ok(result)
     }
 
@@ -620,6 +685,7 @@ impl Indexes {
     /// Forgets a vault's index entirely (the vault was erased). The next use loads it afresh.
     pub fn forget(&self, vault: VaultId) {
         self.slots.lock().expect("index map lock").remove(&vault);
+        self.forget_use(vault);
     }
 
     /// Adds freshly embedded vectors to the vault's index if it is loaded (otherwise the store
@@ -933,10 +999,53 @@ mod tests {
     }
 
     #[test]
+    fn past_the_budget_the_least_recently_queried_indexes_are_dropped_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        // Room for two vaults of 100.
+        let indexes = Arc::new(Indexes::new(1000, 250));
+        let cipher = VaultCipher::new(&[1; 32]);
+        let vaults: Vec<VaultId> = (0..3).map(|_| VaultId::generate()).collect();
+        for (n, vault) in vaults.iter().enumerate() {
+            let items: Vec<(MemoryId, Vec<f32>, EntryMeta)> = (0..100)
+                .map(|i| {
+                    let id = (n * 1000 + i) as u64;
+                    (MemoryId(id), unit(id), EntryMeta::default())
+                })
+                .collect();
+            store.insert_vectors(*vault, &cipher, &items).unwrap();
+        }
+        let query = |vault: VaultId| {
+            indexes
+                .with_index(&store, vault, &cipher, |i| i.len())
+                .unwrap()
+        };
+        assert_eq!(query(vaults[0]), 100);
+        assert_eq!(query(vaults[1]), 100);
+        assert_eq!(indexes.loaded_memories(), 200);
+        // Vault 0 is queried again, so vault 1 is the least recent when vault 2 loads.
+        query(vaults[0]);
+        assert_eq!(query(vaults[2]), 100);
+        assert_eq!(indexes.loaded_memories(), 200);
+        assert!(indexes.loaded(vaults[1]).is_none(), "vault 1 was dropped");
+        assert!(indexes.loaded(vaults[0]).is_some());
+        // A dropped vault answers in full from a fresh load.
+        assert_eq!(query(vaults[1]), 100);
+        indexes
+            .with_index(&store, vaults[1], &cipher, |index| {
+                assert_eq!(index.search(&unit(1007), 1)[0].id, MemoryId(1007));
+            })
+            .unwrap();
+        // An erased vault's index leaves the count.
+        indexes.forget(vaults[1]);
+        assert_eq!(indexes.loaded_memories(), 100);
+    }
+
+    #[test]
     fn a_vault_crossing_the_threshold_gets_a_graph_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
-        let indexes = Arc::new(Indexes::new(1000));
+        let indexes = Arc::new(Indexes::new(1000, usize::MAX));
         let vault = VaultId::generate();
         let cipher = VaultCipher::new(&[1; 32]);
         // Loaded (empty) first, so later inserts go to the live index.

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub disk_free_bytes: IntGauge,
     pub storage_healthy: IntGauge,
+    pub index_loaded_memories: IntGauge,
 }
 
 const NAMESPACE: &str = "memory_sidecar";
@@ -143,6 +144,10 @@ impl Metrics {
                 "disk_free_bytes",
                 "Free bytes on the data directory's filesystem, as last read.",
             ))?,
+            index_loaded_memories: IntGauge::with_opts(opts(
+                "index_loaded_memories",
+                "Memories in the vault indexes held in memory (--max-loaded-memories bounds it).",
+            ))?,
             storage_healthy: IntGauge::with_opts(opts(
                 "storage_healthy",
                 "1 while writes can be made durable; 0 after a failed flush or fsync, until restart.",
@@ -202,6 +207,7 @@ impl Metrics {
             Box::new(self.auth_failures.clone()),
             Box::new(self.disk_free_bytes.clone()),
             Box::new(self.storage_healthy.clone()),
+            Box::new(self.index_loaded_memories.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector)?;

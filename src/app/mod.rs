@@ -233,6 +233,7 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Arc<App>> {
         let embedder = Embedder::open(&config.models_dir, &config.embed, metrics.clone())?;
+        let opened = std::time::Instant::now();
         let store_dir = config.data_dir.join("store");
         let store = Arc::new(Store::open(&store_dir, config.cache_bytes)?);
         // Before anything is served: a store that lost acknowledged commits must not answer.
@@ -261,7 +262,10 @@ impl App {
             config.limits.auth_failure_burst,
         );
         let app = App {
-            indexes: Arc::new(Indexes::new(config.retrieval.hnsw_threshold)),
+            indexes: Arc::new(Indexes::new(
+                config.retrieval.hnsw_threshold,
+                config.retrieval.max_loaded_memories,
+            )),
             config,
             store,
             committer,
@@ -280,18 +284,37 @@ impl App {
         };
         app.recover()?;
         let (store, metrics) = (&app.store, &app.metrics);
-        metrics.vaults.set(store.vault_count() as i64);
-        metrics.memories.set(store.memory_count() as i64);
+        let vaults = store.vault_count();
+        metrics.vaults.set(vaults as i64);
         let pending = store.pending_count();
         metrics.embed_pending.set(pending as i64);
         metrics.replay_remaining.set(pending as i64);
         tracing::info!(
-            vaults = store.vault_count(),
-            memories = store.memory_count(),
+            vaults,
             pending,
+            seconds = opened.elapsed().as_secs_f64(),
             "store open"
         );
-        Ok(Arc::new(app))
+        let app = Arc::new(app);
+        // Counting every memory reads the whole tree (a second or more at a million): the
+        // gauge is filled in the background instead of delaying readiness. The count usually
+        // ends before the first request; an ingest racing it can be counted twice in the gauge
+        // until the next start.
+        let counter = app.clone();
+        std::thread::Builder::new()
+            .name("count-memories".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let memories = counter.store.memory_count();
+                counter.metrics.memories.add(memories as i64);
+                tracing::info!(
+                    memories,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "memories counted"
+                );
+            })
+            .context("starting the memory count")?;
+        Ok(app)
     }
 
     /// Finishes erasures a crash cut short, drops data keys whose vault was never created (a
@@ -426,6 +449,14 @@ impl App {
             });
         }
         Ok(())
+    }
+
+    /// Brings the gauges read at scrape time up to date.
+    pub fn refresh_gauges(&self) {
+        self.refresh_disk_free();
+        self.metrics
+            .index_loaded_memories
+            .set(i64::try_from(self.indexes.loaded_memories()).unwrap_or(i64::MAX));
     }
 
     /// Reads the data filesystem's free space into its gauge. `None` if it cannot be read:

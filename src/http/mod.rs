@@ -292,7 +292,7 @@ async fn dispatch(
             ));
         }
         Route::Metrics => {
-            app.refresh_disk_free();
+            app.refresh_gauges();
             let text = app.metrics.render()?;
             let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
