@@ -11,7 +11,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = json.loads((ROOT / "benches" / "growth.json").read_text())
 
-W, H = 960, 400
+W, H = 960, 430
 PANEL_W, PANEL_H = 380, 280
 COLORS = {"p50": "#1f77b4", "p99": "#d62728", "rss": "#2ca02c"}
 
