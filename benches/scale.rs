@@ -65,7 +65,9 @@ fn options() -> Options {
         }
         i += 2;
     }
-    options.touch = options.touch.min(options.vaults);
+    options.vaults = options.vaults.max(1);
+    options.memories = options.memories.max(options.vaults);
+    options.touch = options.touch.clamp(1, options.vaults);
     options
 }
 

@@ -326,8 +326,11 @@ impl Embedder {
             room: Condvar::new(),
             capacity_texts: config.queue_texts,
         });
-        for worker in 0..config.workers {
-            let mut session = load_session(models_dir, config.threads, config.optimization)?;
+        // Every session loads before any thread starts: a failure leaves no thread behind.
+        let sessions = (0..config.workers)
+            .map(|_| load_session(models_dir, config.threads, config.optimization))
+            .collect::<anyhow::Result<Vec<Session>>>()?;
+        for (worker, mut session) in sessions.into_iter().enumerate() {
             let worker_queue = queue.clone();
             let worker_metrics = metrics.clone();
             let batch_texts = config.batch_texts;

@@ -579,35 +579,66 @@ impl Indexes {
         self.usage.lock().expect("index usage lock").memories
     }
 
-    /// Notes a query of `vault` (holding `len` memories) and drops the least recently queried
-    /// other indexes while the loaded total is over the budget.
-    fn note_use(&self, vault: VaultId, len: usize) {
+    /// Notes a query of `vault` (holding `len` memories) through `slot`, and drops the least
+    /// recently queried other indexes while the loaded total is over the budget. Indexes being
+    /// built or in use are passed over; the dropped ones are freed after the locks are released.
+    fn note_use(&self, vault: VaultId, slot: &Slot, len: usize) {
+        let mut dropped = Vec::new();
+        {
+            let mut usage = self.usage.lock().expect("index usage lock");
+            let mut slots = self.slots.lock().expect("index map lock");
+            // A query that ran on an index evicted meanwhile does not count it back in.
+            if !slots.get(&vault).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                return;
+            }
+            usage.tick += 1;
+            let tick = usage.tick;
+            let previous = usage
+                .vaults
+                .insert(vault, (tick, len))
+                .map_or(0, |(_, n)| n);
+            usage.memories = usage.memories + len - previous;
+            if usage.memories <= self.max_loaded_memories {
+                return;
+            }
+            let mut by_age: Vec<(u64, VaultId, usize)> = usage
+                .vaults
+                .iter()
+                .filter(|(v, _)| **v != vault)
+                .map(|(v, (t, n))| (*t, *v, *n))
+                .collect();
+            by_age.sort_unstable_by_key(|(t, _, _)| *t);
+            for (_, old, n) in by_age {
+                if usage.memories <= self.max_loaded_memories {
+                    break;
+                }
+                let busy = slots.get(&old).is_some_and(|s| match s.get() {
+                    Some(Ok(lock)) => lock.try_read().map_or(true, |index| index.building),
+                    Some(Err(_)) => false,
+                    None => true,
+                });
+                if busy {
+                    continue;
+                }
+                dropped.extend(slots.remove(&old));
+                usage.vaults.remove(&old);
+                usage.memories -= n;
+            }
+        }
+        drop(dropped);
+    }
+
+    /// Updates the recorded size of a loaded vault after its index grew or shrank, keeping
+    /// its place in the recency order.
+    fn note_size(&self, vault: VaultId, slot: &Slot, len: usize) {
         let mut usage = self.usage.lock().expect("index usage lock");
-        usage.tick += 1;
-        let tick = usage.tick;
-        let previous = usage
-            .vaults
-            .insert(vault, (tick, len))
-            .map_or(0, |(_, n)| n);
-        usage.memories = usage.memories + len - previous;
-        if usage.memories <= self.max_loaded_memories {
+        let slots = self.slots.lock().expect("index map lock");
+        if !slots.get(&vault).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             return;
         }
-        let mut by_age: Vec<(u64, VaultId, usize)> = usage
-            .vaults
-            .iter()
-            .filter(|(v, _)| **v != vault)
-            .map(|(v, (t, n))| (*t, *v, *n))
-            .collect();
-        by_age.sort_unstable_by_key(|(t, _, _)| *t);
-        let mut slots = self.slots.lock().expect("index map lock");
-        for (_, old, n) in by_age {
-            if usage.memories <= self.max_loaded_memories {
-                break;
-            }
-            slots.remove(&old);
-            usage.vaults.remove(&old);
-            usage.memories -= n;
+        if let Some((_, recorded)) = usage.vaults.get_mut(&vault) {
+            let previous = std::mem::replace(recorded, len);
+            usage.memories = usage.memories + len - previous;
         }
     }
 
@@ -661,16 +692,25 @@ impl Indexes {
             let index = index.read().expect("vault index lock");
             (f(&index), index.len())
         };
-        self.note_use(vault, len);
+        self.note_use(vault, &slot, len);
+        // A vault loaded past the threshold gets its graph too, not only one that grows past it.
+        self.maybe_build_graph(&slot);
         Ok(result)
     }
 
     /// Takes deleted memories out of the vault's index, if it is loaded (a later load reads
     /// the store, where they are already gone).
     pub fn remove(&self, vault: VaultId, ids: &[MemoryId]) {
-        if let Some(Ok(lock)) = self.loaded(vault).as_ref().map(|s| s.wait()) {
-            lock.write().expect("vault index lock").remove(ids);
-        }
+        let Some(slot) = self.loaded(vault) else {
+            return;
+        };
+        let Ok(lock) = slot.wait() else { return };
+        let len = {
+            let mut index = lock.write().expect("vault index lock");
+            index.remove(ids);
+            index.len()
+        };
+        self.note_size(vault, &slot, len);
     }
 
     /// The vault's slot if its index was asked for (loaded, or loading).
@@ -701,40 +741,63 @@ impl Indexes {
         for (id, vector, meta) in items {
             index.insert_with_meta(*id, vector, meta.clone());
         }
-        if index.wants_graph(self.hnsw_threshold) {
-            index.building = true;
-            let vectors = index.vectors.clone();
-            drop(index);
-            let slot = slot.clone();
-            let spawned = std::thread::Builder::new()
-                .name("hnsw-build".into())
-                .spawn(move || {
-                    let started = std::time::Instant::now();
-                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Graph::build(&vectors)
-                    }));
-                    let Some(Ok(lock)) = slot.get() else { return };
-                    let mut index = lock.write().expect("vault index lock");
-                    index.building = false;
-                    match built {
-                        Ok(graph) => {
-                            tracing::info!(
-                                memories = graph.covered,
-                                seconds = started.elapsed().as_secs_f64(),
-                                "built a vault's HNSW graph"
-                            );
-                            index.graph = Some(graph);
-                        }
-                        Err(_) => {
-                            tracing::error!("an HNSW build panicked; the exact scan keeps serving")
-                        }
+        let len = index.len();
+        drop(index);
+        self.note_size(vault, &slot, len);
+        self.maybe_build_graph(&slot);
+    }
+
+    /// Starts building the vault's HNSW graph in the background if it is due (large enough,
+    /// none yet, none building). Queries use the exact scan until it is ready.
+    fn maybe_build_graph(&self, slot: &Slot) {
+        let Some(Ok(lock)) = slot.get() else { return };
+        // Every query passes here: a read lock answers the usual "no" without waiting for the
+        // vault's other readers.
+        if !lock
+            .read()
+            .expect("vault index lock")
+            .wants_graph(self.hnsw_threshold)
+        {
+            return;
+        }
+        let mut index = lock.write().expect("vault index lock");
+        if !index.wants_graph(self.hnsw_threshold) {
+            return;
+        }
+        index.building = true;
+        let vectors = index.vectors.clone();
+        drop(index);
+        let build_slot = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hnsw-build".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Graph::build(&vectors)
+                }));
+                let Some(Ok(lock)) = build_slot.get() else {
+                    return;
+                };
+                let mut index = lock.write().expect("vault index lock");
+                index.building = false;
+                match built {
+                    Ok(graph) => {
+                        tracing::info!(
+                            memories = graph.covered,
+                            seconds = started.elapsed().as_secs_f64(),
+                            "built a vault's HNSW graph"
+                        );
+                        index.graph = Some(graph);
                     }
-                });
-            if let Err(error) = spawned {
-                tracing::error!(%error, "could not start an HNSW build; the exact scan keeps serving");
-                if let Ok(mut index) = lock.write() {
-                    index.building = false;
+                    Err(_) => {
+                        tracing::error!("an HNSW build panicked; the exact scan keeps serving")
+                    }
                 }
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "could not start an HNSW build; the exact scan keeps serving");
+            if let Ok(mut index) = lock.write() {
+                index.building = false;
             }
         }
     }
@@ -1039,6 +1102,31 @@ mod tests {
         // An erased vault's index leaves the count.
         indexes.forget(vaults[1]);
         assert_eq!(indexes.loaded_memories(), 100);
+    }
+
+    #[test]
+    fn a_vault_loaded_past_the_threshold_gets_a_graph_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let indexes = Arc::new(Indexes::new(1000, usize::MAX));
+        let vault = VaultId::generate();
+        let cipher = VaultCipher::new(&[1; 32]);
+        let items: Vec<(MemoryId, Vec<f32>, EntryMeta)> = (0..1000)
+            .map(|i| (MemoryId(i), unit(i), EntryMeta::default()))
+            .collect();
+        store.insert_vectors(vault, &cipher, &items).unwrap();
+        let started = std::time::Instant::now();
+        while indexes
+            .with_index(&store, vault, &cipher, |i| i.graph_covers())
+            .unwrap()
+            == 0
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "no graph was built after the load"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     #[test]
