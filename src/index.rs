@@ -554,6 +554,8 @@ pub struct Indexes {
     max_loaded_memories: usize,
     /// Per loaded vault: when it was last queried (a tick) and how many memories it held then.
     usage: Mutex<Usage>,
+    /// HNSW graphs finished since start.
+    graphs_built: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Default)]
@@ -570,7 +572,13 @@ impl Indexes {
             hnsw_threshold,
             max_loaded_memories,
             usage: Mutex::new(Usage::default()),
+            graphs_built: Arc::default(),
         }
+    }
+
+    /// HNSW graphs finished since start.
+    pub fn graphs_built(&self) -> u64 {
+        self.graphs_built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Memories in the loaded indexes, as last counted.
@@ -767,6 +775,7 @@ impl Indexes {
         let vectors = index.vectors.clone();
         drop(index);
         let build_slot = slot.clone();
+        let built_count = self.graphs_built.clone();
         let spawned = std::thread::Builder::new()
             .name("hnsw-build".into())
             .spawn(move || {
@@ -787,6 +796,7 @@ impl Indexes {
                             "built a vault's HNSW graph"
                         );
                         index.graph = Some(graph);
+                        built_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(_) => {
                         tracing::error!("an HNSW build panicked; the exact scan keeps serving")

@@ -4,8 +4,8 @@
 //! (route, status class, mode); never a key, a vault, a memory or a raw path.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Cheap to clone: every collector is an `Arc` inside.
@@ -36,6 +36,7 @@ pub struct Metrics {
     pub disk_free_bytes: IntGauge,
     pub storage_healthy: IntGauge,
     pub index_loaded_memories: IntGauge,
+    pub index_graphs_built: IntCounter,
 }
 
 const NAMESPACE: &str = "memory_sidecar";
@@ -144,6 +145,10 @@ impl Metrics {
                 "disk_free_bytes",
                 "Free bytes on the data directory's filesystem, as last read.",
             ))?,
+            index_graphs_built: IntCounter::with_opts(opts(
+                "index_graphs_built_total",
+                "HNSW graphs built for large vaults (after a load or growth past --hnsw-threshold).",
+            ))?,
             index_loaded_memories: IntGauge::with_opts(opts(
                 "index_loaded_memories",
                 "Memories in the vault indexes held in memory (--max-loaded-memories bounds it).",
@@ -208,6 +213,7 @@ impl Metrics {
             Box::new(self.disk_free_bytes.clone()),
             Box::new(self.storage_healthy.clone()),
             Box::new(self.index_loaded_memories.clone()),
+            Box::new(self.index_graphs_built.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector)?;

@@ -457,6 +457,8 @@ impl App {
         self.metrics
             .index_loaded_memories
             .set(i64::try_from(self.indexes.loaded_memories()).unwrap_or(i64::MAX));
+        let counter = &self.metrics.index_graphs_built;
+        counter.inc_by(self.indexes.graphs_built().saturating_sub(counter.get()));
     }
 
     /// Reads the data filesystem's free space into its gauge. `None` if it cannot be read:
