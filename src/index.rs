@@ -115,6 +115,9 @@ pub struct VaultIndex {
     positions: HashMap<MemoryId, u32>,
     graph: Option<Graph>,
     building: bool,
+    /// The size at which a graph build failed: none is tried again until the vault doubles,
+    /// so a build that panics is not retried on every query.
+    graph_failed_at: Option<usize>,
 }
 
 struct Graph {
@@ -137,6 +140,7 @@ impl VaultIndex {
             positions: HashMap::new(),
             graph: None,
             building: false,
+            graph_failed_at: None,
         }
     }
 
@@ -410,6 +414,9 @@ impl VaultIndex {
     fn wants_graph(&self, threshold: usize) -> bool {
         !self.building
             && self.ids.len() >= threshold
+            && self
+                .graph_failed_at
+                .is_none_or(|failed| self.ids.len() >= 2 * failed)
             && self
                 .graph
                 .as_ref()
@@ -799,7 +806,12 @@ impl Indexes {
                         built_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(_) => {
-                        tracing::error!("an HNSW build panicked; the exact scan keeps serving")
+                        index.graph_failed_at = Some(index.ids.len());
+                        tracing::error!(
+                            memories = index.ids.len(),
+                            "an HNSW build panicked; the exact scan keeps serving, and no build \
+                             is tried again until the vault doubles"
+                        )
                     }
                 }
             });

@@ -142,11 +142,15 @@ impl Daemon {
                 stderr.lock().unwrap().join("\n")
             ));
         };
+        let addr = addr.parse().expect("a socket address");
+        // Keep reading stdout: a closed pipe would make any later print in the daemon (a
+        // library's println!) fail, and Rust's print panics on a write error.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        });
         Ok(Daemon {
             child,
-            client: Client {
-                addr: addr.parse().expect("a socket address"),
-            },
+            client: Client { addr },
             data_dir: data_dir.to_owned(),
             stderr,
         })
