@@ -31,28 +31,13 @@ struct Options {
 }
 
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let mut options = Options {
-        seconds: if smoke { 1.0 } else { 20.0 },
-        rate: 20.0,
-        idle: if smoke { 50 } else { 2000 },
-    };
-    let mut i = 1;
-    while i < args.len() {
-        let value = args.get(i + 1).and_then(|v| v.parse::<f64>().ok());
-        match (args[i].as_str(), value) {
-            ("--seconds", Some(v)) => options.seconds = v,
-            ("--rate", Some(v)) => options.rate = v,
-            ("--idle", Some(v)) => options.idle = v as usize,
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    let args = common::BenchArgs::parse();
+    let smoke = args.smoke;
+    Options {
+        seconds: args.number("seconds", if smoke { 1.0 } else { 20.0 }),
+        rate: args.number("rate", 20.0),
+        idle: args.count("idle", if smoke { 50 } else { 2000 }),
     }
-    options
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

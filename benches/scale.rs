@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
+use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
 use common::{Conn, Daemon};
 use memory_sidecar::auth::{NewKey, Scope};
 use memory_sidecar::config::GraphOptimization;
@@ -41,35 +41,19 @@ struct Options {
 }
 
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let mut options = Options {
-        memories: if smoke { 2_000 } else { 1_000_000 },
-        vaults: if smoke { 20 } else { 10_000 },
-        touch: if smoke { 10 } else { 500 },
-        clients: if smoke { 2 } else { 16 },
-        seconds: if smoke { 1.0 } else { 20.0 },
-    };
-    let mut i = 1;
-    while i < args.len() {
-        let value = args.get(i + 1).and_then(|v| v.parse::<f64>().ok());
-        match (args[i].as_str(), value) {
-            ("--memories", Some(v)) => options.memories = v as usize,
-            ("--vaults", Some(v)) => options.vaults = v as usize,
-            ("--touch", Some(v)) => options.touch = v as usize,
-            ("--clients", Some(v)) => options.clients = v as usize,
-            ("--seconds", Some(v)) => options.seconds = v,
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    let args = common::BenchArgs::parse();
+    let smoke = args.smoke;
+    let vaults = args.count("vaults", if smoke { 20 } else { 10_000 }).max(1);
+    let touch = args.count("touch", if smoke { 10 } else { 500 });
+    Options {
+        memories: args
+            .count("memories", if smoke { 2_000 } else { 1_000_000 })
+            .max(vaults),
+        vaults,
+        touch: touch.clamp(1, vaults),
+        clients: args.count("clients", if smoke { 2 } else { 16 }),
+        seconds: args.number("seconds", if smoke { 1.0 } else { 20.0 }),
     }
-    options.vaults = options.vaults.max(1);
-    options.memories = options.memories.max(options.vaults);
-    options.touch = options.touch.clamp(1, options.vaults);
-    options
 }
 
 /// 2,000 sentences and the real model's vector of each.
@@ -188,24 +172,6 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
     }
     store.sync().unwrap();
     keys
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| {
-                    let p = e.path();
-                    if p.is_dir() {
-                        dir_bytes(&p)
-                    } else {
-                        e.metadata().map_or(0, |m| m.len())
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -8,12 +8,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
+use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
 use common::{Conn, Daemon};
 use serde_json::json;
 
@@ -27,45 +26,14 @@ struct Options {
 }
 
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let mut options = Options {
-        minutes: if smoke { 0.05 } else { 10.0 },
-        rate: 40.0,
-        vaults: 8,
-        memories: if smoke { 20 } else { 200 },
-    };
-    let mut i = 1;
-    while i < args.len() {
-        let value = args.get(i + 1).and_then(|v| v.parse::<f64>().ok());
-        match (args[i].as_str(), value) {
-            ("--minutes", Some(v)) => options.minutes = v,
-            ("--rate", Some(v)) => options.rate = v,
-            ("--vaults", Some(v)) => options.vaults = v as usize,
-            ("--memories", Some(v)) => options.memories = v as usize,
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    let args = common::BenchArgs::parse();
+    let smoke = args.smoke;
+    Options {
+        minutes: args.number("minutes", if smoke { 0.05 } else { 10.0 }),
+        rate: args.number("rate", 40.0),
+        vaults: args.count("vaults", 8),
+        memories: args.count("memories", if smoke { 20 } else { 200 }),
     }
-    options
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            total += if path.is_dir() {
-                dir_bytes(&path)
-            } else {
-                entry.metadata().map_or(0, |m| m.len())
-            };
-        }
-    }
-    total
 }
 
 /// One window's observations.

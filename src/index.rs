@@ -1125,6 +1125,27 @@ mod tests {
         assert_eq!(indexes.loaded_memories(), 100);
     }
 
+    /// Queries the vault until its background graph build has finished.
+    fn wait_for_graph(
+        indexes: &Arc<Indexes>,
+        store: &Arc<Store>,
+        vault: VaultId,
+        cipher: &VaultCipher,
+    ) {
+        let started = std::time::Instant::now();
+        while indexes
+            .with_index(store, vault, cipher, |i| i.graph_covers())
+            .unwrap()
+            == 0
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "no graph was built"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_vault_loaded_past_the_threshold_gets_a_graph_too() {
         let dir = tempfile::tempdir().unwrap();
@@ -1136,18 +1157,7 @@ mod tests {
             .map(|i| (MemoryId(i), unit(i), EntryMeta::default()))
             .collect();
         store.insert_vectors(vault, &cipher, &items).unwrap();
-        let started = std::time::Instant::now();
-        while indexes
-            .with_index(&store, vault, &cipher, |i| i.graph_covers())
-            .unwrap()
-            == 0
-        {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(120),
-                "no graph was built after the load"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for_graph(&indexes, &store, vault, &cipher);
     }
 
     #[test]
@@ -1168,18 +1178,7 @@ mod tests {
             .map(|i| (MemoryId(i), unit(i), EntryMeta::default()))
             .collect();
         indexes.insert(vault, &items[..1000]);
-        let started = std::time::Instant::now();
-        while indexes
-            .with_index(&store, vault, &cipher, |i| i.graph_covers())
-            .unwrap()
-            == 0
-        {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(120),
-                "no graph was built"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for_graph(&indexes, &store, vault, &cipher);
         indexes.insert(vault, &items[1000..]);
         indexes
             .with_index(&store, vault, &cipher, |index| {

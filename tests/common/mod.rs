@@ -203,6 +203,39 @@ impl Daemon {
     }
 }
 
+/// A benchmark's command line: whether it runs as a smoke test (under `cargo test`, which
+/// passes no `--bench`), and its `--name number` flags.
+pub struct BenchArgs {
+    pub smoke: bool,
+    numbers: std::collections::HashMap<String, f64>,
+}
+
+impl BenchArgs {
+    pub fn parse() -> BenchArgs {
+        let args: Vec<String> = std::env::args().collect();
+        let mut numbers = std::collections::HashMap::new();
+        for pair in args.windows(2) {
+            if let (Some(name), Ok(value)) = (pair[0].strip_prefix("--"), pair[1].parse()) {
+                numbers.insert(name.to_owned(), value);
+            }
+        }
+        BenchArgs {
+            smoke: !args.iter().any(|a| a == "--bench"),
+            numbers,
+        }
+    }
+
+    /// `--name`'s number, or `default`.
+    pub fn number(&self, name: &str, default: f64) -> f64 {
+        self.numbers.get(name).copied().unwrap_or(default)
+    }
+
+    /// `--name`'s number as a count, or `default`.
+    pub fn count(&self, name: &str, default: usize) -> usize {
+        self.numbers.get(name).map_or(default, |v| *v as usize)
+    }
+}
+
 /// A number from the environment, or `default` when it is unset or not a number (seeds and
 /// sizes of the randomised tests).
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
