@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{ms, percentile, sentence, Rng, PEOPLE, THINGS};
+use common::corpus::{ms, percentile, question, sentence, Rng};
 use common::{Conn, Daemon};
 use serde_json::json;
 
@@ -260,17 +260,7 @@ fn main() {
     let mut conn = Conn::connect(daemon.addr).unwrap();
     // The vault's first prepare loads its index: not part of any phase.
     for _ in 0..5 {
-        let body = json!({"messages": [{"role": "user", "content": "warming up"}]});
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Authorization", auth.as_str()),
-        ];
-        let warm = conn.send(
-            "POST",
-            "/v1/memory/prepare",
-            &headers,
-            body.to_string().as_bytes(),
-        );
+        let warm = conn.prepare(&key, "warming up");
         assert_eq!(warm.unwrap().status, 200);
     }
     for flood in phases {
@@ -294,24 +284,9 @@ fn main() {
                 if scheduled > now {
                     std::thread::sleep(scheduled - now);
                 }
-                let question = format!(
-                    "What did {} say about {}?",
-                    rng.pick(PEOPLE),
-                    rng.pick(THINGS)
-                );
-                let body = json!({"messages": [{"role": "user", "content": question}]});
-                let headers = [
-                    ("Content-Type", "application/json"),
-                    ("Authorization", auth.as_str()),
-                ];
                 // Latency from the scheduled time: a stall counts in full (no coordinated
                 // omission).
-                match conn.send(
-                    "POST",
-                    "/v1/memory/prepare",
-                    &headers,
-                    body.to_string().as_bytes(),
-                ) {
+                match conn.prepare(&key, &question(&mut rng)) {
                     Ok(response) if response.status == 200 => {}
                     Ok(_) => errors += 1,
                     Err(_) => {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{ms, peak_rss_mb, percentile, sentence, Rng, PEOPLE, THINGS};
+use common::corpus::{ms, peak_rss_mb, percentile, question, sentence, Rng};
 use common::{Conn, Daemon};
 use serde_json::json;
 
@@ -213,11 +213,7 @@ fn main() {
                         ]});
                         ("/v1/memory/ingest", body, 202)
                     } else {
-                        let question = format!(
-                            "What did {} say about {}?",
-                            rng.pick(PEOPLE),
-                            rng.pick(THINGS)
-                        );
+                        let question = question(&mut rng);
                         (
                             "/v1/memory/prepare",
                             json!({"messages": [{"role": "user", "content": question}]}),

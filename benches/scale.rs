@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
+use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, question, sentence, Rng};
 use common::{Conn, Daemon};
 use memory_sidecar::auth::{NewKey, Scope};
 use memory_sidecar::config::GraphOptimization;
@@ -278,25 +278,7 @@ fn main() {
                         std::thread::sleep(scheduled - now);
                     }
                     let key = touched[(rng.next() % touched.len() as u64) as usize];
-                    let auth = format!("Bearer {key}");
-                    let question = format!(
-                        "What did {} say about {}?",
-                        rng.pick(PEOPLE),
-                        rng.pick(THINGS)
-                    );
-                    let body = json!({"messages": [{"role": "user", "content": question}]});
-                    let headers = [
-                        ("Content-Type", "application/json"),
-                        ("Authorization", auth.as_str()),
-                    ];
-                    let response = conn
-                        .send(
-                            "POST",
-                            "/v1/memory/prepare",
-                            &headers,
-                            body.to_string().as_bytes(),
-                        )
-                        .unwrap();
+                    let response = conn.prepare(key, &question(&mut rng)).unwrap();
                     assert_eq!(response.status, 200);
                     latencies.lock().unwrap().push(scheduled.elapsed());
                     scheduled += interval;

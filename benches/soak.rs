@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, sentence, Rng, PEOPLE, THINGS};
+use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, question, sentence, Rng};
 use common::{Conn, Daemon};
 use serde_json::json;
 
@@ -119,11 +119,7 @@ fn main() {
                         ("Authorization", auth.as_str()),
                     ];
                     let roll = rng.unit();
-                    let question = format!(
-                        "What did {} say about {}?",
-                        rng.pick(PEOPLE),
-                        rng.pick(THINGS)
-                    );
+                    let question = question(&mut rng);
                     let (method, path, body, expected) = if roll < 0.55 {
                         let body = json!({"messages": [{"role": "user", "content": question}]});
                         (

@@ -127,6 +127,15 @@ pub fn proc_status_mb(pid: u32, field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// A question of the kind a user asks about their past conversations.
+pub fn question(rng: &mut Rng) -> String {
+    format!(
+        "What did {} say about {}?",
+        rng.pick(PEOPLE),
+        rng.pick(THINGS)
+    )
+}
+
 /// Bytes of every file under `path`, 0 for what cannot be read.
 pub fn dir_bytes(path: &std::path::Path) -> u64 {
     std::fs::read_dir(path)

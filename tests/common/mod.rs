@@ -650,6 +650,22 @@ impl Conn {
         })
     }
 
+    /// One prepare of a single user message with a memory key.
+    pub fn prepare(&mut self, key: &str, message: &str) -> std::io::Result<Response> {
+        let auth = format!("Bearer {key}");
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Authorization", auth.as_str()),
+        ];
+        let body = json!({"messages": [{"role": "user", "content": message}]});
+        self.send(
+            "POST",
+            "/v1/memory/prepare",
+            &headers,
+            body.to_string().as_bytes(),
+        )
+    }
+
     /// Sends one request and reads its response by its Content-Length.
     pub fn send(
         &mut self,
