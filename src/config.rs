@@ -179,9 +179,17 @@ pub struct Flags {
         default_value = "basic"
     )]
     pub embed_graph_optimization: GraphOptimization,
-    /// Most texts in one model batch.
+    /// Most texts in one model batch of queries.
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_BATCH_TEXTS", default_value_t = 32)]
     pub embed_batch_texts: usize,
+    /// Most texts in one model batch of background (indexing) work. A query that arrives while
+    /// one runs waits for it, so this bounds what indexing adds to a query's latency.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_EMBED_BACKGROUND_BATCH_TEXTS",
+        default_value_t = 8
+    )]
+    pub embed_background_batch_texts: usize,
     /// Word pieces kept per text; longer texts are truncated for embedding (the model takes 512).
     #[arg(long, env = "MEMORY_SIDECAR_MAX_TEXT_TOKENS", default_value_t = 256)]
     pub max_text_tokens: usize,
@@ -277,6 +285,7 @@ pub struct EmbedConfig {
     pub workers: usize,
     pub optimization: GraphOptimization,
     pub batch_texts: usize,
+    pub background_batch_texts: usize,
     pub queue_texts: usize,
     pub max_text_tokens: usize,
 }
@@ -362,6 +371,11 @@ impl Flags {
         )
         .context("the embedding queue must hold at least one request's messages")?;
         at_least("embed-batch-texts", self.embed_batch_texts, 1)?;
+        at_least(
+            "embed-background-batch-texts",
+            self.embed_background_batch_texts,
+            1,
+        )?;
         if !(16..=512).contains(&self.max_text_tokens) {
             bail!(
                 "--max-text-tokens must be 16..=512 (the model's limit), got {}",
@@ -448,6 +462,7 @@ impl Flags {
                 workers: self.embed_workers,
                 optimization: self.embed_graph_optimization,
                 batch_texts: self.embed_batch_texts,
+                background_batch_texts: self.embed_background_batch_texts,
                 queue_texts: self.embed_queue_texts,
                 max_text_tokens: self.max_text_tokens,
             },

@@ -1,10 +1,11 @@
 //! Sentence embeddings: the tokenizer and ONNX Runtime sessions on threads of their own.
 //!
-//! Callers tokenize on their own thread, then queue a job. A model thread (one per worker,
-//! each with its own session) takes whatever is queued up to a batch size (waiting queries alone; background work only when no query waits),
-//! pads the batch to its longest member, runs it, mean-pools over the attention mask and
-//! L2-normalises. There is no timer: an idle daemon runs a lone query at once, a busy one
-//! batches what piled up meanwhile.
+//! Callers tokenize on their own thread (the indexer also sorts its texts by length), then
+//! queue a job. A model thread (one per worker, each with its own session) takes what is
+//! queued: waiting queries alone, up to `--embed-batch-texts`, or when no query waits,
+//! background jobs up to `--embed-background-batch-texts`. It pads the batch to its longest
+//! member, runs it, mean-pools over the attention mask and L2-normalises. There is no timer: an
+//! idle daemon runs a lone query at once, a busy one batches what piled up meanwhile.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -107,9 +108,9 @@ impl JobQueue {
         Ok(())
     }
 
-    /// Blocks until work is queued; takes queries first, then bulk jobs, up to `max_texts`
-    /// texts (always at least one job). `None` once closed.
-    fn take_batch(&self, max_texts: usize, metrics: &Metrics) -> Option<Vec<Job>> {
+    /// Blocks until work is queued; takes queries first, up to `limits.query` texts, else bulk
+    /// jobs, up to `limits.bulk` texts (always at least one job). `None` once closed.
+    fn take_batch(&self, limits: BatchLimits, metrics: &Metrics) -> Option<Vec<Job>> {
         let mut state = self.state.lock().expect("embed queue lock");
         while state.query.is_empty() && state.bulk.is_empty() {
             if state.closed {
@@ -123,6 +124,11 @@ impl JobQueue {
         // Queries and background work never share a run: a query's batch holds only queries,
         // so it is as short as it can be, and waits at most for one background run to end.
         let from_queries = !state.query.is_empty();
+        let max_texts = if from_queries {
+            limits.query
+        } else {
+            limits.bulk
+        };
         let mut batch = Vec::new();
         let mut texts = 0;
         loop {
@@ -161,6 +167,23 @@ impl JobQueue {
         drop(state);
         self.wake.notify_all();
         self.room.notify_all();
+    }
+}
+
+/// Most texts in one model run, by the kind of work it holds.
+#[derive(Clone, Copy, Debug)]
+struct BatchLimits {
+    query: usize,
+    bulk: usize,
+}
+
+/// A queued embedding job: redeem it for the job's vectors, in the order of its texts.
+pub struct Ticket(Pending);
+
+impl Ticket {
+    /// Waits for the vectors from a thread that may block (background indexing).
+    pub fn wait_blocking(self) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Embedder::finish(self.0.blocking_recv())
     }
 }
 
@@ -333,11 +356,14 @@ impl Embedder {
         for (worker, mut session) in sessions.into_iter().enumerate() {
             let worker_queue = queue.clone();
             let worker_metrics = metrics.clone();
-            let batch_texts = config.batch_texts;
+            let limits = BatchLimits {
+                query: config.batch_texts,
+                bulk: config.background_batch_texts,
+            };
             std::thread::Builder::new()
                 .name(format!("embed-{worker}"))
                 .spawn(move || {
-                    while let Some(jobs) = worker_queue.take_batch(batch_texts, &worker_metrics) {
+                    while let Some(jobs) = worker_queue.take_batch(limits, &worker_metrics) {
                         run_jobs(&mut session, jobs, &worker_metrics);
                     }
                     tracing::debug!(worker, "embedding thread stopped");
@@ -374,25 +400,29 @@ impl Embedder {
         Self::finish(self.submit(texts, priority)?.await)
     }
 
-    /// Embeds texts from a thread that may block (background indexing).
-    pub fn embed_blocking(
+    /// Queues texts already tokenized by [`Embedder::tokenize`] (each non-empty). Bulk work
+    /// waits here while the queue is full.
+    pub fn submit_tokens(
         &self,
-        texts: &[&str],
+        texts: Vec<Vec<u32>>,
         priority: Priority,
-    ) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Self::finish(self.submit(texts, priority)?.blocking_recv())
-    }
-
-    /// Tokenizes on the caller's thread and queues the job; the receiver yields its vectors.
-    fn submit(&self, texts: &[&str], priority: Priority) -> Result<Pending, EmbedError> {
+    ) -> Result<Ticket, EmbedError> {
+        if texts.is_empty() || texts.iter().any(Vec::is_empty) {
+            return Err(EmbedError::Failed(anyhow!("an empty text to embed")));
+        }
         let (reply, wait) = tokio::sync::oneshot::channel();
         let job = Job {
-            texts: self.tokenize(texts)?,
+            texts,
             enqueued: Instant::now(),
             reply,
         };
         self.queue.push(job, priority, &self.metrics)?;
-        Ok(wait)
+        Ok(Ticket(wait))
+    }
+
+    /// Tokenizes on the caller's thread and queues the job; the receiver yields its vectors.
+    fn submit(&self, texts: &[&str], priority: Priority) -> Result<Pending, EmbedError> {
+        Ok(self.submit_tokens(self.tokenize(texts)?, priority)?.0)
     }
 
     fn finish(

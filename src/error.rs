@@ -85,6 +85,8 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the store could not make the write durable, so nothing was acknowledged; retry later. After a failed flush or fsync writes stay refused until the daemon is restarted: see /readyz and its log")]
     StorageUnavailable,
+    #[error("the store could not read this vault after a failed write; restart the daemon once the disk is fixed: see /readyz and its log")]
+    StorageUnreadable,
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
     #[error("internal error")]
@@ -139,7 +141,7 @@ impl ApiError {
             Overloaded(_) => ("overloaded", 429),
             NotReady => ("not_ready", 503),
             ShuttingDown => ("shutting_down", 503),
-            StorageUnavailable => ("storage_unavailable", 503),
+            StorageUnavailable | StorageUnreadable => ("storage_unavailable", 503),
             Timeout(_) => ("timeout", 503),
             Internal(_) => ("internal", 500),
         };

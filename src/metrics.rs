@@ -37,6 +37,7 @@ pub struct Metrics {
     pub storage_healthy: IntGauge,
     pub index_loaded_memories: IntGauge,
     pub index_graphs_built: IntCounter,
+    pub unreadable_hits: IntCounter,
 }
 
 const NAMESPACE: &str = "memory_sidecar";
@@ -149,6 +150,10 @@ impl Metrics {
                 "index_graphs_built_total",
                 "HNSW graphs built for large vaults (after a load or growth past --hnsw-threshold).",
             ))?,
+            unreadable_hits: IntCounter::with_opts(opts(
+                "unreadable_hits_total",
+                "Memories a search ranked but whose record the store could not read (left out of the answer).",
+            ))?,
             index_loaded_memories: IntGauge::with_opts(opts(
                 "index_loaded_memories",
                 "Memories in the vault indexes held in memory (--max-loaded-memories bounds it).",
@@ -214,6 +219,7 @@ impl Metrics {
             Box::new(self.storage_healthy.clone()),
             Box::new(self.index_loaded_memories.clone()),
             Box::new(self.index_graphs_built.clone()),
+            Box::new(self.unreadable_hits.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector)?;

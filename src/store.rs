@@ -13,6 +13,7 @@
 
 use std::fmt;
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -266,6 +267,16 @@ fn memory_key(vault: VaultId, id: MemoryId) -> [u8; 24] {
     key[..16].copy_from_slice(&vault.0);
     key[16..].copy_from_slice(&id.0.to_be_bytes());
     key
+}
+
+/// Reads back keys just written. sled splits a node that a write overfilled on the next read
+/// through it, and a split is a write: done now, while writes work, so that reads still work
+/// after a failed flush has made sled refuse every write until restart.
+fn settle(tree: &sled::Tree, keys: impl Iterator<Item = [u8; 24]>) -> anyhow::Result<()> {
+    for key in keys {
+        tree.get(key)?;
+    }
+    Ok(())
 }
 
 fn split_memory_key(key: &[u8]) -> anyhow::Result<(VaultId, MemoryId)> {
@@ -672,7 +683,15 @@ impl Store {
                 Ok(outcome)
             },
         );
-        transaction_result(result)
+        let outcome = transaction_result(result)?;
+        settle(
+            &self.memories,
+            outcome
+                .iter()
+                .filter(|(_, new)| *new)
+                .map(|(id, _)| memory_key(vault, *id)),
+        )?;
+        Ok(outcome)
     }
 
     pub fn memory(
@@ -780,10 +799,22 @@ impl Store {
         ))
     }
 
-    /// Up to `limit` memories stored but not yet embedded, in store order (ids only).
-    pub fn pending_batch(&self, limit: usize) -> anyhow::Result<Vec<(VaultId, MemoryId)>> {
+    /// Up to `limit` memories stored but not yet embedded, in store order (ids only), from the
+    /// first one after `after` (from the start when `None`).
+    pub fn pending_after(
+        &self,
+        after: Option<(VaultId, MemoryId)>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(VaultId, MemoryId)>> {
+        let range = match after {
+            Some((vault, id)) => self.pending.range((
+                Bound::Excluded(memory_key(vault, id).to_vec()),
+                Bound::Unbounded,
+            )),
+            None => self.pending.iter(),
+        };
         let mut batch = Vec::new();
-        for entry in self.pending.iter().keys().take(limit) {
+        for entry in range.keys().take(limit) {
             batch.push(split_memory_key(&entry?)?);
         }
         Ok(batch)
@@ -822,6 +853,10 @@ impl Store {
         }
         self.vectors.apply_batch(vectors)?;
         self.pending.apply_batch(pending)?;
+        settle(
+            &self.vectors,
+            items.iter().map(|(id, ..)| memory_key(vault, *id)),
+        )?;
         Ok(())
     }
 
@@ -916,6 +951,15 @@ pub struct Committer {
     tx: mpsc::Sender<CommitReply>,
     poisoned: Arc<AtomicBool>,
     ledger: Arc<Ledger>,
+    metrics: Metrics,
+}
+
+/// Marks the store as refusing writes until restart; logs the first cause.
+fn poison(poisoned: &AtomicBool, metrics: &Metrics, cause: &str) {
+    if !poisoned.swap(true, Ordering::AcqRel) {
+        metrics.storage_healthy.set(0);
+        tracing::error!(error = %cause, "the store could not be made durable; refusing writes until restart");
+    }
 }
 
 impl Committer {
@@ -928,6 +972,7 @@ impl Committer {
         let (tx, rx) = mpsc::channel::<CommitReply>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let thread_poisoned = poisoned.clone();
+        let thread_metrics = metrics.clone();
         metrics.storage_healthy.set(1);
         std::thread::Builder::new()
             .name("group-commit".into())
@@ -952,17 +997,14 @@ impl Committer {
                                 tracing::warn!(error = %format!("{error:#}"), "the commit ledger lags the store");
                             }
                         }
-                        Err(message) => {
-                            if !thread_poisoned.swap(true, Ordering::AcqRel) {
-                                metrics.storage_healthy.set(0);
-                                tracing::error!(error = %message, "the store could not be made durable; refusing writes until restart");
-                            }
-                        }
+                        Err(message) => poison(&thread_poisoned, &thread_metrics, message),
                     }
-                    metrics
+                    thread_metrics
                         .commit_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    metrics.commit_batch_size.observe(waiters.len() as f64);
+                    thread_metrics
+                        .commit_batch_size
+                        .observe(waiters.len() as f64);
                     for waiter in waiters {
                         let _ = waiter.send(result.clone());
                     }
@@ -973,7 +1015,16 @@ impl Committer {
             tx,
             poisoned,
             ledger,
+            metrics,
         })
+    }
+
+    /// Takes a write that failed with an I/O error as the store failing: sled then refuses
+    /// every write until restart, so the daemon says so, as after a failed flush.
+    pub fn note_write_error(&self, error: &anyhow::Error) {
+        if let Some(sled::Error::Io(_)) = error.downcast_ref::<sled::Error>() {
+            poison(&self.poisoned, &self.metrics, &format!("{error:#}"));
+        }
     }
 
     /// fsyncs the commit ledger (at shutdown; commits only `pwrite` it).
@@ -1091,7 +1142,17 @@ mod tests {
         store
             .insert_memories(b, &cipher(2), &[message("y")])
             .unwrap();
-        assert_eq!(store.pending_batch(10).unwrap().len(), 2);
+        let pending = store.pending_after(None, 10).unwrap();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(store.pending_after(None, 1).unwrap(), pending[..1]);
+        assert_eq!(
+            store.pending_after(Some(pending[0]), 10).unwrap(),
+            pending[1..]
+        );
+        assert!(store
+            .pending_after(Some(pending[1]), 10)
+            .unwrap()
+            .is_empty());
         let meta = EntryMeta {
             created_at_ms: 5,
             session_id: Some("s".into()),

@@ -886,3 +886,72 @@ fn two_model_workers_serve_concurrent_clients_each_their_own_answers() {
         }
     });
 }
+
+#[test]
+fn a_burst_of_mixed_lengths_is_indexed_each_memory_with_its_own_vector() {
+    // The indexer sorts what is pending by length and runs it in jobs across vaults; every
+    // memory must still get its own vector. Dense ranking only, so that a memory's exact text
+    // finds that memory through its vector, not through its words.
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--dense-weight", "1", "--key-rate-per-second", "0"],
+    );
+    const ANIMALS: &[&str] = &["otter", "heron", "badger", "lynx", "gecko", "walrus"];
+    const CITIES: &[&str] = &["Lisbon", "Oslo", "Quito", "Hanoi", "Perth", "Tunis", "Riga"];
+    const FILLER: &str = " It came up again when we talked about the weekend, the weather and \
+        what everyone had planned for the holidays";
+    let keys: Vec<String> = (0..3)
+        .map(|v| daemon.mint_key(&format!("user:{v}")))
+        .collect();
+    let stored: Vec<(String, String, String)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(v, key)| {
+                let daemon = &daemon;
+                scope.spawn(move || {
+                    let mut stored = Vec::new();
+                    for call in 0..30 {
+                        let texts: Vec<String> = (0..2)
+                            .map(|m| {
+                                let n = v * 1000 + call * 2 + m;
+                                let mut text = format!(
+                                    "Note {n}: my {} named {} lives in {}.",
+                                    ANIMALS[n % ANIMALS.len()],
+                                    ["Ada", "Bo", "Cy", "Di", "Ed"][n % 5],
+                                    CITIES[n % CITIES.len()]
+                                );
+                                for _ in 0..n % 4 {
+                                    text.push_str(FILLER);
+                                }
+                                text
+                            })
+                            .collect();
+                        let messages: Vec<Value> = texts.iter().map(|t| user(t)).collect();
+                        let ingested = daemon.ingest(key, None, json!(messages));
+                        for (i, text) in texts.into_iter().enumerate() {
+                            let id = ingested["ids"][i].as_str().unwrap().to_owned();
+                            stored.push((key.clone(), id, text));
+                        }
+                    }
+                    stored
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(stored.len(), 180);
+    daemon.wait_indexed();
+    for (key, id, text) in &stored {
+        let answer = daemon.prepare(key, None, text);
+        assert_eq!(
+            answer["memories"][0]["id"].as_str(),
+            Some(id.as_str()),
+            "{text}: {answer}"
+        );
+    }
+}

@@ -199,7 +199,7 @@ impl App {
                     // orphan key, dropped at the next start.
                     self.keyring
                         .replace(vault)
-                        .map_err(super::storage_error("writing a vault data key"))?;
+                        .map_err(self.storage_error("writing a vault data key"))?;
                     self.store
                         .create_vault(
                             vault,
@@ -209,7 +209,7 @@ impl App {
                                 removing: false,
                             },
                         )
-                        .map_err(super::storage_error("creating a vault"))?;
+                        .map_err(self.storage_error("creating a vault"))?;
                     self.metrics.vaults.inc();
                     vault
                 }
@@ -248,7 +248,7 @@ impl App {
             if self
                 .store
                 .insert_key(&template)
-                .map_err(super::storage_error("storing a key"))?
+                .map_err(self.storage_error("storing a key"))?
             {
                 return Ok((key, template));
             }
@@ -328,7 +328,7 @@ impl App {
                 .update_key(id, |record| {
                     record.revoked_at_ms.get_or_insert(now);
                 })
-                .map_err(super::storage_error("revoking a key"))?;
+                .map_err(self.storage_error("revoking a key"))?;
         }
         tracing::info!(key_id = %id, "revoked a memory key");
         Ok(())
@@ -425,7 +425,7 @@ impl App {
                     old.auto_revoke_at_ms = Some(now + i64::from(grace_days) * DAY_MS);
                     old.rotated_to = Some(record.id.clone());
                 })
-                .map_err(super::storage_error("deprecating a rotated key"))?;
+                .map_err(self.storage_error("deprecating a rotated key"))?;
             (key, record)
         };
         tracing::info!(old_key_id = %id, key_id = %record.id, grace_days, "rotated a memory key");

@@ -10,6 +10,7 @@
 //! erasing a vault or deleting memories holds it exclusively. So an ingest, a search or the
 //! indexer never sees a vault half erased, nor writes a row sealed with a destroyed key.
 
+mod indexer;
 pub mod keys;
 pub mod vault;
 
@@ -31,17 +32,12 @@ use crate::index::{HybridParams, Indexes};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::store::{
-    check_vector, Committer, EntryMeta, KeyStatus, MemoryId, MemoryRecord, NewMemory, Store,
-    VaultId,
+    Committer, EntryMeta, KeyStatus, MemoryId, MemoryRecord, NewMemory, Store, VaultId,
 };
 use crate::throttle::FailureThrottle;
 
 /// A predicate over a memory's index metadata (filters by tag, session, date).
 pub type MetaFilter = Box<dyn Fn(&EntryMeta) -> bool + Send>;
-type Embedded = (VaultId, Arc<VaultCipher>, MemoryId, Vec<f32>, EntryMeta);
-
-/// Memories embedded per background batch: small, so a query never waits long behind one.
-const INDEX_BATCH: usize = 8;
 /// Longest session id, model name or tag accepted.
 pub const MAX_LABEL_CHARS: usize = 200;
 /// Most tags on one memory or in one filter.
@@ -215,14 +211,16 @@ pub struct App {
     key_ops: Mutex<()>,
 }
 
-fn storage_error(what: &'static str) -> impl FnOnce(anyhow::Error) -> ApiError {
-    move |error| {
-        tracing::error!(error = %format!("{error:#}"), "{what} failed");
-        ApiError::StorageUnavailable
-    }
-}
-
 impl App {
+    /// Maps a failed store write to its error; an I/O error marks the store as failed.
+    fn storage_error(&self, what: &'static str) -> impl FnOnce(anyhow::Error) -> ApiError + '_ {
+        move |error| {
+            tracing::error!(error = %format!("{error:#}"), "{what} failed");
+            self.committer.note_write_error(&error);
+            ApiError::StorageUnavailable
+        }
+    }
+
     /// Opens the store, the keyring and the model. Fails with a clear message when a file is
     /// missing or the master key does not match.
     pub fn open(
@@ -480,7 +478,10 @@ impl App {
 
     /// Makes everything written so far durable, or says the store cannot.
     async fn commit(&self, what: &'static str) -> Result<(), ApiError> {
-        self.committer.commit().await.map_err(storage_error(what))
+        self.committer
+            .commit()
+            .await
+            .map_err(self.storage_error(what))
     }
 
     /// The vault's cipher. A live vault without one is a damaged keyring: a loud error, never
@@ -491,150 +492,6 @@ impl App {
                 "vault {vault} has no data key in the keyring"
             ))
         })
-    }
-
-    fn run_indexer(&self) {
-        let mut replaying = true;
-        loop {
-            if self.is_stopping() {
-                return;
-            }
-            let batch = match self.store.pending_batch(INDEX_BATCH) {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "reading pending memories failed; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            if batch.is_empty() {
-                if replaying {
-                    replaying = false;
-                    self.metrics.replay_remaining.set(0);
-                    if self
-                        .state
-                        .compare_exchange(STARTING, READY, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
-                        self.metrics.ready.set(1);
-                        tracing::info!("ready: model loaded, store open, replay done");
-                    }
-                }
-                self.doorbell.wait(Duration::from_secs(1));
-                continue;
-            }
-            let handled = match self.index_batch(&batch) {
-                Ok(Some(handled)) => handled as i64,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "indexing a batch failed; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            self.metrics.embed_pending.sub(handled);
-            if replaying {
-                self.metrics.replay_remaining.sub(handled);
-            }
-        }
-    }
-
-    /// Reads, embeds, stores and indexes one batch of pending memories. Each vault's part is
-    /// read and written under its lock, and written only if the memory is still there and its
-    /// vault's key unchanged: an erasure between the two phases leaves nothing behind.
-    /// Returns how many pending marks it took away (a delete takes the others), or `None` when
-    /// the model has stopped.
-    fn index_batch(&self, batch: &[(VaultId, MemoryId)]) -> anyhow::Result<Option<usize>> {
-        let mut handled = 0;
-        let mut texts: Vec<(VaultId, MemoryId, Arc<VaultCipher>, MemoryRecord)> = Vec::new();
-        for group in batch.chunk_by(|a, b| a.0 == b.0) {
-            let vault = group[0].0;
-            let lock = self.locks.of(vault);
-            let _shared = lock.blocking_read();
-            let Some(cipher) = self.keyring.cipher(vault) else {
-                for (_, id) in group {
-                    let was_pending = if self.store.vault(vault)?.is_some() {
-                        tracing::error!(%vault, memory = %id, "memory of a vault without a data key; set aside");
-                        self.store.set_unembeddable(vault, *id)?
-                    } else {
-                        self.store.clear_pending(vault, *id)?
-                    };
-                    handled += usize::from(was_pending);
-                }
-                continue;
-            };
-            for (_, id) in group {
-                match self.store.memory(vault, &cipher, *id) {
-                    Ok(Some(record)) => texts.push((vault, *id, cipher.clone(), record)),
-                    Ok(None) => handled += usize::from(self.store.clear_pending(vault, *id)?),
-                    Err(error) => {
-                        tracing::error!(%vault, memory = %id, error = %format!("{error:#}"), "memory cannot be read; set aside");
-                        handled += usize::from(self.store.set_unembeddable(vault, *id)?);
-                    }
-                }
-            }
-        }
-        let Some(vectors) = self.embed_texts(&texts) else {
-            return Ok(None);
-        };
-        let mut embedded: Vec<Embedded> = Vec::new();
-        for ((vault, id, cipher, record), vector) in texts.into_iter().zip(vectors) {
-            match vector.and_then(|v| check_vector(&v).map(|()| v).map_err(|e| e.to_string())) {
-                Ok(vector) => embedded.push((vault, cipher, id, vector, record.meta())),
-                Err(error) => {
-                    tracing::error!(memory = %id, %vault, %error, "memory cannot be embedded; set aside");
-                    handled += usize::from(self.store.set_unembeddable(vault, id)?);
-                }
-            }
-        }
-        for group in embedded.chunk_by(|a, b| a.0 == b.0) {
-            let vault = group[0].0;
-            let lock = self.locks.of(vault);
-            let _shared = lock.blocking_read();
-            let Some(current) = self.keyring.cipher(vault) else {
-                continue;
-            };
-            let mut items = Vec::with_capacity(group.len());
-            for (_, cipher, id, vector, meta) in group {
-                if Arc::ptr_eq(cipher, &current) && self.store.contains_memory(vault, *id)? {
-                    items.push((*id, vector.clone(), meta.clone()));
-                }
-            }
-            self.store.insert_vectors(vault, &current, &items)?;
-            self.indexes.insert(vault, &items);
-            handled += items.len();
-        }
-        Ok(Some(handled))
-    }
-
-    /// Embeds the texts of a batch. A batch that fails is retried text by text, so that one
-    /// bad memory is set aside alone. `None` when the embedder has stopped.
-    fn embed_texts<T>(
-        &self,
-        batch: &[(VaultId, MemoryId, T, MemoryRecord)],
-    ) -> Option<Vec<Result<Vec<f32>, String>>> {
-        if batch.is_empty() {
-            return Some(Vec::new());
-        }
-        let texts: Vec<&str> = batch.iter().map(|m| m.3.content.as_str()).collect();
-        match self.embedder.embed_blocking(&texts, Priority::Bulk) {
-            Ok(vectors) => Some(vectors.into_iter().map(Ok).collect()),
-            Err(EmbedError::Closed) => None,
-            Err(error) => {
-                tracing::warn!(error = %error, memories = batch.len(), "a background batch failed; embedding its memories one by one");
-                let mut one_by_one = Vec::with_capacity(batch.len());
-                for text in &texts {
-                    match self.embedder.embed_blocking(&[*text], Priority::Bulk) {
-                        Ok(mut vectors) => {
-                            one_by_one.push(vectors.pop().ok_or_else(|| "no vector".to_owned()))
-                        }
-                        Err(EmbedError::Closed) => return None,
-                        Err(error) => one_by_one.push(Err(error.to_string())),
-                    }
-                }
-                Some(one_by_one)
-            }
-        }
     }
 
     /// A memory key's capability, or why there is none. Counts against the key's rate.
@@ -816,7 +673,7 @@ impl App {
         let fresh = self
             .store
             .count_new(vault, &cipher, memories)
-            .map_err(storage_error("checking for duplicates"))?;
+            .map_err(self.storage_error("checking for duplicates"))?;
         if fresh > 0 {
             // A retry of what is already stored is answered even on a full disk.
             self.check_disk_room()?;
@@ -826,7 +683,7 @@ impl App {
             Ok(outcome) => outcome,
             Err(error) => {
                 self.release(vault, fresh);
-                return Err(storage_error("storing memories")(error));
+                return Err(self.storage_error("storing memories")(error));
             }
         };
         // The rows are in the store now, whatever happens to this request: count them here, so
@@ -963,15 +820,23 @@ impl App {
                 .index_search_seconds
                 .observe(started.elapsed().as_secs_f64());
             let mut recalled = Vec::with_capacity(hits.len());
+            // A memory whose record is gone (deleted since indexing) is skipped. So is one the
+            // store cannot read: the others still answer. (After a failed write sled refuses
+            // writes, and reading a node it has not yet split needs one.)
+            let read = |id: MemoryId| match store.memory(vault, &cipher, id) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%vault, memory = %id, error = %format!("{error:#}"), "a ranked memory cannot be read; left out");
+                    metrics.unreadable_hits.inc();
+                    None
+                }
+            };
             for hit in hits {
-                // A memory whose record is gone (deleted since indexing) is skipped.
-                let Some(record) = store.memory(vault, &cipher, hit.id)? else {
+                let Some(record) = read(hit.id) else {
                     continue;
                 };
                 let context = match hit.previous {
-                    Some(previous) if is_short_turn(&record.content) => {
-                        store.memory(vault, &cipher, previous)?
-                    }
+                    Some(previous) if is_short_turn(&record.content) => read(previous),
                     _ => None,
                 };
                 recalled.push(Recalled {
@@ -985,8 +850,17 @@ impl App {
             Ok(recalled)
         })
         .await
-        .context("index search task")??;
-        Ok(recalled)
+        .context("index search task")?;
+        match recalled {
+            Ok(recalled) => Ok(recalled),
+            // sled refuses writes after a failed one, and reading a node it has not yet split
+            // needs a write: a vault whose index was not loaded by then cannot be read.
+            Err(error) if !self.committer.is_healthy() => {
+                tracing::error!(%vault, error = %format!("{error:#}"), "a search failed on the unhealthy store");
+                Err(ApiError::StorageUnreadable)
+            }
+            Err(error) => Err(ApiError::Internal(error)),
+        }
     }
 
     /// Finds the memories relevant to the conversation's latest user message and renders them

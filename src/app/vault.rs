@@ -466,7 +466,7 @@ impl App {
         let (deleted, were_pending) = self
             .store
             .delete_memories(vault, cipher, &ids)
-            .map_err(super::storage_error("deleting memories"))?;
+            .map_err(self.storage_error("deleting memories"))?;
         self.indexes.remove(vault, &deleted);
         self.release(vault, deleted.len());
         self.metrics.memories.sub(deleted.len() as i64);
@@ -528,13 +528,13 @@ impl App {
         let removing = record.removing;
         self.store
             .set_vault(vault, &record)
-            .map_err(super::storage_error("marking a vault for erasure"))?;
+            .map_err(self.storage_error("marking a vault for erasure"))?;
         self.commit("committing an erasure mark").await?;
         let app = self.clone();
         let erased = tokio::task::spawn_blocking(move || app.finish_erasure(vault, removing))
             .await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("erasure: {e}")))?
-            .map_err(super::storage_error("erasing a vault"))?;
+            .map_err(self.storage_error("erasing a vault"))?;
         tracing::info!(%vault, memories = erased, removing, "erased a vault");
         Ok(erased)
     }

@@ -711,7 +711,10 @@ fn error_response(route: Route, error: ApiError) -> Response<Full<Bytes>> {
         ApiError::MethodNotAllowed { allowed, .. } => {
             headers.insert(ALLOW, HeaderValue::from_static(allowed));
         }
-        ApiError::Overloaded(_) | ApiError::NotReady | ApiError::StorageUnavailable => {
+        ApiError::Overloaded(_)
+        | ApiError::NotReady
+        | ApiError::StorageUnavailable
+        | ApiError::StorageUnreadable => {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         ApiError::DiskFull { .. } => {
