@@ -27,7 +27,7 @@ fn models() -> &'static Path {
 fn bench(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tokenizer = load_tokenizer(&models().join(TOKENIZER_FILE), 256).expect("tokenizer");
-    let mut session = load_session(models(), threads, GraphOptimization::Basic)
+    let mut session = load_session(models(), threads, GraphOptimization::Basic, true)
         .expect("model (run `make models`)");
     let tokens: Vec<Vec<u32>> = SENTENCES
         .iter()
@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
         GraphOptimization::All,
     ] {
         for option_threads in [1, threads] {
-            let mut session = load_session(models(), option_threads, level).expect("model");
+            let mut session = load_session(models(), option_threads, level, true).expect("model");
             for batch in [1usize, 32] {
                 let texts: Vec<&[u32]> = (0..batch)
                     .map(|i| tokens[i % tokens.len()].as_slice())

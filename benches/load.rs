@@ -174,6 +174,7 @@ fn main() {
     // Drive.
     let prepare_latencies = Arc::new(Mutex::new(Vec::new()));
     let ingest_latencies = Arc::new(Mutex::new(Vec::new()));
+    let prepare_breakdowns = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(AtomicUsize::new(0));
     let duration = Duration::from_secs(options.seconds);
     let per_client_interval = (options.rate > 0.0)
@@ -182,16 +183,18 @@ fn main() {
     std::thread::scope(|scope| {
         for client in 0..options.clients {
             let (keys, addr) = (&keys, daemon.addr);
-            let (prepare_latencies, ingest_latencies, errors) = (
+            let (prepare_latencies, ingest_latencies, prepare_breakdowns, errors) = (
                 prepare_latencies.clone(),
                 ingest_latencies.clone(),
+                prepare_breakdowns.clone(),
                 errors.clone(),
             );
             let ingest_fraction = options.ingest_fraction;
             scope.spawn(move || {
                 let mut conn = Conn::connect(addr).unwrap();
                 let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ (client as u64 + 7));
-                let (mut prepares, mut ingests) = (Vec::new(), Vec::new());
+                let (mut prepares, mut ingests, mut breakdowns) =
+                    (Vec::new(), Vec::new(), Vec::new());
                 let mut scheduled = started
                     + per_client_interval
                         .map_or(Duration::ZERO, |i| i.mul_f64(client as f64 / 16.0));
@@ -225,8 +228,15 @@ fn main() {
                             200,
                         )
                     };
+                    let sent = Instant::now();
                     let ok = match conn.send("POST", path, &headers, body.to_string().as_bytes()) {
-                        Ok(response) => response.status == expected,
+                        Ok(response) if response.status == expected => {
+                            if !is_ingest {
+                                breakdowns.push(Breakdown::of(sent.elapsed(), &response));
+                            }
+                            true
+                        }
+                        Ok(_) => false,
                         Err(_) => {
                             conn = Conn::connect(addr).unwrap();
                             false
@@ -245,6 +255,7 @@ fn main() {
                     }
                 }
                 prepare_latencies.lock().unwrap().extend(prepares);
+                prepare_breakdowns.lock().unwrap().extend(breakdowns);
                 ingest_latencies.lock().unwrap().extend(ingests);
             });
         }
@@ -287,6 +298,71 @@ fn main() {
             ms(latencies.last().copied().unwrap_or_default()),
         );
     }
+    Breakdown::report(&prepare_breakdowns.lock().unwrap());
+}
+
+/// Where one prepare's time went: the round trip from the actual send, and the daemon's
+/// `Server-Timing` (queue wait, model run, search), in milliseconds.
+struct Breakdown {
+    round_trip: f64,
+    queue: f64,
+    model: f64,
+    search: f64,
+}
+
+impl Breakdown {
+    fn of(round_trip: Duration, response: &common::Response) -> Breakdown {
+        let timing = response.server_timing();
+        let part = |name: &str| {
+            timing
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, ms)| *ms)
+                .unwrap_or_else(|| panic!("no {name} in Server-Timing {timing:?}"))
+        };
+        Breakdown {
+            round_trip: round_trip.as_secs_f64() * 1000.0,
+            queue: part("queue"),
+            model: part("model"),
+            search: part("search"),
+        }
+    }
+
+    /// Prints percentiles of each part, and of the daemon's own time: the round trip less the
+    /// model and the wait for it (HTTP on loopback, parsing, authentication, search, rendering).
+    fn report(all: &[Breakdown]) {
+        if all.is_empty() {
+            return;
+        }
+        println!(
+            "
+prepare, where the time went (ms; round trip from the actual send, the rest from Server-Timing):
+"
+        );
+        println!("| part | p50 | p90 | p99 |");
+        println!("|---|---|---|---|");
+        let column = |part: fn(&Breakdown) -> f64| all.iter().map(part).collect::<Vec<f64>>();
+        let parts = [
+            ("round trip", column(|b| b.round_trip)),
+            ("queue wait for the model", column(|b| b.queue)),
+            ("model run", column(|b| b.model)),
+            ("search", column(|b| b.search)),
+            (
+                "daemon overhead (round trip - queue - model)",
+                column(|b| b.round_trip - b.queue - b.model),
+            ),
+        ];
+        for (name, mut values) in parts {
+            values.sort_by(f64::total_cmp);
+            let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+            println!(
+                "| {name} | {:.2} | {:.2} | {:.2} |",
+                at(0.5),
+                at(0.9),
+                at(0.99)
+            );
+        }
+    }
 }
 
 /// The daemon's background batching: windows of this many texts, sorted by length...
@@ -303,7 +379,8 @@ fn bare_model_texts_per_second(rng: &mut Rng) -> (f64, f64) {
     let models = common::models_dir();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tokenizer = load_tokenizer(&models.join(TOKENIZER_FILE), 256).expect("tokenizer");
-    let mut session = load_session(&models, threads, GraphOptimization::Basic).expect("model");
+    let mut session =
+        load_session(&models, threads, GraphOptimization::Basic, true).expect("model");
     let tokens: Vec<Vec<u32>> = (0..256)
         .map(|_| {
             let text = sentence(rng);

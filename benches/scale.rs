@@ -61,7 +61,8 @@ fn sentence_pool(rng: &mut Rng) -> Vec<(String, Vec<f32>)> {
     let models = common::models_dir();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tokenizer = load_tokenizer(&models.join(TOKENIZER_FILE), 256).expect("tokenizer");
-    let mut session = load_session(&models, threads, GraphOptimization::Basic).expect("model");
+    let mut session =
+        load_session(&models, threads, GraphOptimization::Basic, true).expect("model");
     let texts: Vec<String> = (0..2000).map(|_| sentence(rng)).collect();
     let mut pool = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(32) {

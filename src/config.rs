@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
+use clap::{ArgAction, Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -179,6 +179,11 @@ pub struct Flags {
         default_value = "basic"
     )]
     pub embed_graph_optimization: GraphOptimization,
+    /// Let ONNX Runtime's threads spin between model runs (true) instead of sleeping (false).
+    /// Spinning holds a core while the daemon is idle, but waking sleeping threads made a
+    /// lone query ~2 ms slower here (README, "Measured").
+    #[arg(long, env = "MEMORY_SIDECAR_EMBED_SPIN", default_value_t = true, action = ArgAction::Set)]
+    pub embed_spin: bool,
     /// Most texts in one model batch of queries.
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_BATCH_TEXTS", default_value_t = 32)]
     pub embed_batch_texts: usize,
@@ -284,6 +289,8 @@ pub struct EmbedConfig {
     pub threads: usize,
     pub workers: usize,
     pub optimization: GraphOptimization,
+    /// Whether ONNX Runtime's threads spin between runs.
+    pub spin: bool,
     pub batch_texts: usize,
     pub background_batch_texts: usize,
     pub queue_texts: usize,
@@ -461,6 +468,7 @@ impl Flags {
                 threads: threads / self.embed_workers,
                 workers: self.embed_workers,
                 optimization: self.embed_graph_optimization,
+                spin: self.embed_spin,
                 batch_texts: self.embed_batch_texts,
                 background_batch_texts: self.embed_background_batch_texts,
                 queue_texts: self.embed_queue_texts,

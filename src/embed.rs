@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use ort::environment::Environment;
@@ -45,8 +45,18 @@ pub enum EmbedError {
     Failed(#[from] anyhow::Error),
 }
 
-type Reply = tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, String>>;
-type Pending = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, String>>;
+/// Where an embedding job's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EmbedTiming {
+    /// From queueing the job to the start of the model run that took it.
+    pub queued: Duration,
+    /// The model run (the whole batch the job was part of, pooling included).
+    pub model: Duration,
+}
+
+type Embedded = Result<(Vec<Vec<f32>>, EmbedTiming), String>;
+type Reply = tokio::sync::oneshot::Sender<Embedded>;
+type Pending = tokio::sync::oneshot::Receiver<Embedded>;
 
 struct Job {
     texts: Vec<Vec<u32>>,
@@ -183,7 +193,7 @@ pub struct Ticket(Pending);
 impl Ticket {
     /// Waits for the vectors from a thread that may block (background indexing).
     pub fn wait_blocking(self) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Embedder::finish(self.0.blocking_recv())
+        Ok(Embedder::finish(self.0.blocking_recv())?.0)
     }
 }
 
@@ -247,11 +257,13 @@ fn environment(library: &Path) -> anyhow::Result<Environment> {
     Ok(environment)
 }
 
-/// Opens an ONNX Runtime session for the model with `threads` intra-op threads.
+/// Opens an ONNX Runtime session for the model with `threads` intra-op threads, which spin
+/// between runs only if `spin`.
 pub fn load_session(
     models_dir: &Path,
     threads: usize,
     optimization: GraphOptimization,
+    spin: bool,
 ) -> anyhow::Result<Session> {
     let [library, model, _] = model_files(models_dir)?;
     let environment = environment(&library)?;
@@ -265,6 +277,8 @@ pub fn load_session(
         })
         .map_err(ort_error)?
         .with_intra_threads(threads)
+        .map_err(ort_error)?
+        .with_intra_op_spinning(spin)
         .map_err(ort_error)?
         .with_inter_threads(1)
         .map_err(ort_error)?
@@ -351,7 +365,7 @@ impl Embedder {
         });
         // Every session loads before any thread starts: a failure leaves no thread behind.
         let sessions = (0..config.workers)
-            .map(|_| load_session(models_dir, config.threads, config.optimization))
+            .map(|_| load_session(models_dir, config.threads, config.optimization, config.spin))
             .collect::<anyhow::Result<Vec<Session>>>()?;
         for (worker, mut session) in sessions.into_iter().enumerate() {
             let worker_queue = queue.clone();
@@ -397,6 +411,15 @@ impl Embedder {
         texts: &[&str],
         priority: Priority,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Ok(self.embed_timed(texts, priority).await?.0)
+    }
+
+    /// [`Embedder::embed`], with where the time went.
+    pub async fn embed_timed(
+        &self,
+        texts: &[&str],
+        priority: Priority,
+    ) -> Result<(Vec<Vec<f32>>, EmbedTiming), EmbedError> {
         Self::finish(self.submit(texts, priority)?.await)
     }
 
@@ -426,10 +449,10 @@ impl Embedder {
     }
 
     fn finish(
-        received: Result<Result<Vec<Vec<f32>>, String>, tokio::sync::oneshot::error::RecvError>,
-    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        received: Result<Embedded, tokio::sync::oneshot::error::RecvError>,
+    ) -> Result<(Vec<Vec<f32>>, EmbedTiming), EmbedError> {
         match received {
-            Ok(Ok(vectors)) => Ok(vectors),
+            Ok(Ok(embedded)) => Ok(embedded),
             Ok(Err(message)) => Err(EmbedError::Failed(anyhow!(message))),
             Err(_) => Err(EmbedError::Closed),
         }
@@ -459,15 +482,18 @@ fn run_jobs(session: &mut Session, jobs: Vec<Job>, metrics: &Metrics) {
         .embed_batch_tokens
         .observe((texts.len() * width) as f64);
     let result = run_batch(session, &texts);
-    metrics
-        .embed_batch_seconds
-        .observe(started.elapsed().as_secs_f64());
+    let model = started.elapsed();
+    metrics.embed_batch_seconds.observe(model.as_secs_f64());
     match result {
         Ok(mut vectors) => {
             // Hand each job its own slice of the batch, in order.
             for job in jobs.into_iter().rev() {
                 let mine = vectors.split_off(vectors.len() - job.texts.len());
-                let _ = job.reply.send(Ok(mine));
+                let timing = EmbedTiming {
+                    queued: started.duration_since(job.enqueued),
+                    model,
+                };
+                let _ = job.reply.send(Ok((mine, timing)));
             }
         }
         Err(error) => {
@@ -481,7 +507,16 @@ fn run_jobs(session: &mut Session, jobs: Vec<Job>, metrics: &Metrics) {
             // One bad job must not fail the others it was batched with: run each alone.
             for job in jobs {
                 let texts: Vec<&[u32]> = job.texts.iter().map(Vec::as_slice).collect();
-                let result = run_batch(session, &texts).map_err(|e| e.to_string());
+                let alone = Instant::now();
+                let result = run_batch(session, &texts)
+                    .map(|vectors| {
+                        let timing = EmbedTiming {
+                            queued: alone.duration_since(job.enqueued),
+                            model: alone.elapsed(),
+                        };
+                        (vectors, timing)
+                    })
+                    .map_err(|e| e.to_string());
                 let _ = job.reply.send(result);
             }
         }

@@ -68,6 +68,16 @@ fn prepare_finds_the_ingested_memory_among_distractors() {
     assert!(answer["context"].is_null(), "{answer}");
     assert_eq!(answer["tokens"], 0);
 
+    // Server-Timing splits the daemon's time: the wait for the model, the model, the search.
+    let body = json!({"messages": [user("What am I allergic to?")]});
+    let response = daemon.call("POST", "/v1/memory/prepare", &key, None, Some(&body));
+    assert_eq!(response.status, 200);
+    let timing = response.server_timing();
+    let names: Vec<&str> = timing.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["queue", "model", "search"], "{timing:?}");
+    assert!(timing.iter().all(|(_, ms)| *ms >= 0.0), "{timing:?}");
+    assert!(timing[1].1 > 0.0, "the model took no time: {timing:?}");
+
     // Neither the key's secret nor any memory text reaches the logs, even at debug level.
     let logs = daemon.stderr();
     assert!(!logs.contains(&key[3..]), "the key leaked into the logs");
@@ -847,6 +857,8 @@ fn two_model_workers_serve_concurrent_clients_each_their_own_answers() {
             "2",
             "--embed-workers",
             "2",
+            "--embed-spin",
+            "false",
             "--key-rate-per-second",
             "0",
         ],

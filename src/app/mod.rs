@@ -26,7 +26,7 @@ use crate::auth::{self, Access, AdminKey, MemoryAccess, PresentedKey, Scope};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey, VaultCipher};
-use crate::embed::{EmbedError, Embedder, Priority};
+use crate::embed::{EmbedError, EmbedTiming, Embedder, Priority};
 use crate::error::ApiError;
 use crate::index::{HybridParams, Indexes};
 use crate::ledger::Ledger;
@@ -123,6 +123,16 @@ pub struct PrepareResult {
     pub context: Option<String>,
     pub memories: Vec<Recalled>,
     pub tokens: usize,
+    pub timing: PrepareTiming,
+}
+
+/// Where a prepare's time went inside the daemon (shown in its `Server-Timing` header).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrepareTiming {
+    /// The query's wait for the model, and the model run it was part of.
+    pub embed: EmbedTiming,
+    /// Ranking the vault's memories and reading the hits.
+    pub search: Duration,
 }
 
 pub struct IngestRequest {
@@ -760,10 +770,13 @@ impl App {
         })
     }
 
-    /// Embeds a query text, with the errors a request can show.
-    async fn embed_query(&self, text: &str) -> Result<Vec<f32>, ApiError> {
-        match self.embedder.embed(&[text], Priority::Query).await {
-            Ok(mut vectors) => Ok(vectors.pop().context("the model returned no vector")?),
+    /// Embeds a query text, with the errors a request can show, and where its time went.
+    async fn embed_query(&self, text: &str) -> Result<(Vec<f32>, EmbedTiming), ApiError> {
+        match self.embedder.embed_timed(&[text], Priority::Query).await {
+            Ok((mut vectors, timing)) => Ok((
+                vectors.pop().context("the model returned no vector")?,
+                timing,
+            )),
             Err(EmbedError::QueueFull) => Err(ApiError::Overloaded("queued embeddings")),
             Err(EmbedError::Closed) => Err(ApiError::ShuttingDown),
             Err(EmbedError::Failed(error)) => Err(ApiError::Internal(error)),
@@ -893,6 +906,7 @@ impl App {
             context: None,
             memories: Vec::new(),
             tokens: 0,
+            timing: PrepareTiming::default(),
         };
         if !access.mode.retrieve {
             return Ok(nothing);
@@ -901,7 +915,8 @@ impl App {
         else {
             return Ok(nothing);
         };
-        let vector = self.embed_query(&query).await?;
+        let (vector, embed_timing) = self.embed_query(&query).await?;
+        let searching = std::time::Instant::now();
         // Over-fetch so that the session boost and duplicate collapse can reorder and drop.
         let candidates = limit.saturating_mul(2).max(limit + 10);
         let keep = tag_filter(request.tags);
@@ -917,7 +932,12 @@ impl App {
         recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
         let mut recalled = collapse_duplicates(recalled);
         recalled.truncate(limit);
-        Ok(render_context(recalled, max_tokens, self.now_ms()))
+        let mut result = render_context(recalled, max_tokens, self.now_ms());
+        result.timing = PrepareTiming {
+            embed: embed_timing,
+            search: searching.elapsed(),
+        };
+        Ok(result)
     }
 }
 
@@ -1066,6 +1086,7 @@ pub fn render_context(recalled: Vec<Recalled>, max_tokens: usize, now_ms: i64) -
             context: None,
             memories: Vec::new(),
             tokens: 0,
+            timing: PrepareTiming::default(),
         };
     }
     // Per-line estimates round up, so the whole is never above their sum, nor the budget.
@@ -1073,6 +1094,7 @@ pub fn render_context(recalled: Vec<Recalled>, max_tokens: usize, now_ms: i64) -
         tokens: estimate_tokens(&context),
         context: Some(context),
         memories: kept,
+        timing: PrepareTiming::default(),
     }
 }
 

@@ -155,7 +155,7 @@ impl App {
                         limits.max_message_chars
                     )));
                 }
-                let vector = self.embed_query(&query).await?;
+                let (vector, _) = self.embed_query(&query).await?;
                 let keep: Option<MetaFilter> = if filter.is_empty() {
                     None
                 } else {

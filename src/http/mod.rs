@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 
 use crate::app::keys::KeyQuery;
 use crate::app::vault::MAX_UPLOAD_LINES;
-use crate::app::{App, MAX_LABEL_CHARS};
+use crate::app::{App, PrepareTiming, MAX_LABEL_CHARS};
 use crate::auth::{Access, MemoryAccess, Scope, MAX_CREDENTIAL_LEN};
 use crate::error::ApiError;
 
@@ -365,7 +365,11 @@ async fn dispatch(
             let max_messages = app.config().limits.max_messages;
             let prepare = wire::parse::<wire::WirePrepare>(&body)?.into_request(max_messages)?;
             let result = app.prepare(&access, session.as_deref(), prepare).await?;
-            Ok(json(StatusCode::OK, &wire::WirePrepared::from(&result)))
+            let mut response = json(StatusCode::OK, &wire::WirePrepared::from(&result));
+            response
+                .headers_mut()
+                .insert("server-timing", server_timing(&result.timing));
+            Ok(response)
         }
         (Route::Ingest, _) => {
             query.only(&[])?;
@@ -683,6 +687,19 @@ fn empty(status: StatusCode) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
     response
+}
+
+/// `Server-Timing` for a prepare: the query's wait for the model, the model run and the search,
+/// in milliseconds, so that a caller can tell the daemon's own time from the model's.
+fn server_timing(timing: &PrepareTiming) -> HeaderValue {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let value = format!(
+        "queue;dur={:.3}, model;dur={:.3}, search;dur={:.3}",
+        ms(timing.embed.queued),
+        ms(timing.embed.model),
+        ms(timing.search)
+    );
+    HeaderValue::from_str(&value).expect("digits, letters and punctuation only")
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {

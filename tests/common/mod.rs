@@ -67,6 +67,26 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The `Server-Timing` header's metrics, as (name, milliseconds), in order; empty when
+    /// there is none. Panics on a malformed one.
+    pub fn server_timing(&self) -> Vec<(String, f64)> {
+        let Some(timing) = self.header("server-timing") else {
+            return Vec::new();
+        };
+        timing
+            .split(", ")
+            .map(|part| {
+                let (name, dur) = part
+                    .split_once(";dur=")
+                    .unwrap_or_else(|| panic!("Server-Timing {timing:?}: expected name;dur=ms"));
+                let ms = dur.parse().unwrap_or_else(|_| {
+                    panic!("Server-Timing {timing:?}: {dur:?} is not a number")
+                });
+                (name.to_owned(), ms)
+            })
+            .collect()
+    }
+
     pub fn error_code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
