@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::corpus::{ms, peak_rss_mb, percentile, question, sentence, Rng};
+use common::corpus::{cpu_seconds, ms, peak_rss_mb, percentile, question, sentence, Rng};
 use common::{Conn, Daemon};
 use serde_json::json;
 
@@ -179,6 +179,7 @@ fn main() {
     let duration = Duration::from_secs(options.seconds);
     let per_client_interval = (options.rate > 0.0)
         .then(|| Duration::from_secs_f64(options.clients as f64 / options.rate));
+    let cpu_before = cpu_seconds(daemon.pid());
     let started = Instant::now();
     std::thread::scope(|scope| {
         for client in 0..options.clients {
@@ -261,6 +262,7 @@ fn main() {
         }
     });
     let elapsed = started.elapsed().as_secs_f64();
+    let daemon_cores = (cpu_seconds(daemon.pid()) - cpu_before) / elapsed;
 
     let mode = if options.rate > 0.0 {
         format!(
@@ -271,7 +273,7 @@ fn main() {
         "closed loop (saturation)".to_owned()
     };
     println!(
-        "\n{} clients, {} vaults x {} memories, {:.0}% ingest, {mode}, {:.0} s; errors: {}; daemon peak RSS {:.0} MiB\n",
+        "\n{} clients, {} vaults x {} memories, {:.0}% ingest, {mode}, {:.0} s; errors: {}; daemon peak RSS {:.0} MiB; daemon CPU {daemon_cores:.2} cores\n",
         options.clients,
         options.vaults,
         options.memories,

@@ -180,9 +180,9 @@ pub struct Flags {
     )]
     pub embed_graph_optimization: GraphOptimization,
     /// Let ONNX Runtime's threads spin between model runs (true) instead of sleeping (false).
-    /// Spinning holds a core while the daemon is idle, but waking sleeping threads made a
-    /// lone query ~2 ms slower here (README, "Measured").
-    #[arg(long, env = "MEMORY_SIDECAR_EMBED_SPIN", default_value_t = true, action = ArgAction::Set)]
+    /// Spinning made a lone query ~1 ms faster here but cost ~0.8 of a core at 60 requests/s,
+    /// and fewer prepares at saturation: a sidecar shares its cores (README, "Measured").
+    #[arg(long, env = "MEMORY_SIDECAR_EMBED_SPIN", default_value_t = false, action = ArgAction::Set)]
     pub embed_spin: bool,
     /// Most texts in one model batch of queries.
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_BATCH_TEXTS", default_value_t = 32)]

@@ -858,7 +858,7 @@ fn two_model_workers_serve_concurrent_clients_each_their_own_answers() {
             "--embed-workers",
             "2",
             "--embed-spin",
-            "false",
+            "true",
             "--key-rate-per-second",
             "0",
         ],

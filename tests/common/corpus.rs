@@ -115,6 +115,25 @@ pub fn peak_rss_mb(pid: u32) -> f64 {
     proc_status_mb(pid, "VmHWM:")
 }
 
+/// CPU seconds (user and system) the process has used so far, 0 when unreadable.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<f64>().ok())
+        .sum();
+    // The kernel's USER_HZ, 100 on Linux.
+    ticks / 100.0
+}
+
 /// A `/proc/<pid>/status` field in MiB (`VmRSS`, `VmHWM`), 0 when unreadable.
 pub fn proc_status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
