@@ -967,3 +967,51 @@ fn a_burst_of_mixed_lengths_is_indexed_each_memory_with_its_own_vector() {
         );
     }
 }
+
+#[test]
+fn a_ranked_memory_that_cannot_be_read_is_left_out_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("user:1");
+    let damaged = first_id(&daemon.ingest(
+        &key,
+        None,
+        json!([user("My dog Rex loves running on the beach.")]),
+    ));
+    let intact = first_id(&daemon.ingest(
+        &key,
+        None,
+        json!([user("My dog Rex is afraid of thunderstorms.")]),
+    ));
+    daemon.wait_indexed();
+    daemon.sigterm();
+    assert!(daemon.wait_exit().success());
+
+    // Damage one memory's sealed record in place; its vector stays, so search still ranks it.
+    let id = u64::from_str_radix(damaged.strip_prefix("mem_").unwrap(), 16).unwrap();
+    {
+        let db = sled::open(dir.path().join("store")).unwrap();
+        let memories = db.open_tree("memories").unwrap();
+        let row = memories
+            .iter()
+            .keys()
+            .map(Result::unwrap)
+            .find(|k| k.ends_with(&id.to_be_bytes()))
+            .expect("the memory's row");
+        memories
+            .insert(row, b"not a sealed record".as_slice())
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    let daemon = Daemon::start(dir.path(), &[]);
+    let answer = daemon.prepare(&key, None, "Tell me about my dog Rex.");
+    let ids = memory_ids(&answer);
+    assert!(ids.contains(&intact), "{answer}");
+    assert!(!ids.contains(&damaged), "{answer}");
+    let metrics = daemon.request("GET", "/metrics", &[], b"").text();
+    assert_eq!(
+        metric_value(&metrics, "memory_sidecar_unreadable_hits_total"),
+        Some(1.0)
+    );
+}
