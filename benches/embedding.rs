@@ -73,6 +73,48 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
+    // Batching by padded tokens: 64 texts, 4 of them long (256 word pieces), in arrival order.
+    // Batches of 32 pad every row to the long ones; a budget of 2,048 padded tokens (the
+    // daemon's `--embed-batch-tokens` default) cuts a batch before a long text would; sorting
+    // by length first (as the daemon's indexer does with background work) puts the long ones
+    // together.
+    let long = tokenizer
+        .encode(SENTENCES.concat().repeat(2), true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let mixed: Vec<&[u32]> = (0..64)
+        .map(|i| {
+            if i % 16 == 7 {
+                long.as_slice()
+            } else {
+                tokens[i % tokens.len()].as_slice()
+            }
+        })
+        .collect();
+    let mut group = c.benchmark_group("embed_mixed_lengths");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(6))
+        .throughput(Throughput::Elements(mixed.len() as u64));
+    let mut sorted = mixed.clone();
+    sorted.sort_by_key(|t| t.len());
+    for (name, texts, budget) in [
+        ("batches_of_32", &mixed, usize::MAX),
+        ("budget_2048_tokens", &mixed, 2048),
+        ("sorted_then_budget_2048_tokens", &sorted, 2048),
+    ] {
+        let batches = split_by_budget(texts, 32, budget);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for batch in &batches {
+                    run_batch(&mut session, batch).unwrap();
+                }
+            })
+        });
+    }
+    group.finish();
+
     let mut group = c.benchmark_group("tokenize");
     group.throughput(Throughput::Elements(1));
     group.bench_function("one_sentence", |b| {
@@ -85,6 +127,30 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Cuts texts, in order, into batches of at most `max_texts` whose padded size (rows times the
+/// longest row) stays within `budget` (a batch always takes at least one text), as the daemon's
+/// queue does.
+fn split_by_budget<'a>(
+    texts: &[&'a [u32]],
+    max_texts: usize,
+    budget: usize,
+) -> Vec<Vec<&'a [u32]>> {
+    let mut batches: Vec<Vec<&[u32]>> = Vec::new();
+    let mut current: Vec<&[u32]> = Vec::new();
+    let mut width = 0;
+    for text in texts {
+        let padded = (current.len() + 1) * width.max(text.len());
+        if !current.is_empty() && (current.len() == max_texts || padded > budget) {
+            batches.push(std::mem::take(&mut current));
+            width = 0;
+        }
+        width = width.max(text.len());
+        current.push(text);
+    }
+    batches.push(current);
+    batches
 }
 
 criterion_group!(benches, bench);

@@ -195,6 +195,14 @@ pub struct Flags {
         default_value_t = 8
     )]
     pub embed_background_batch_texts: usize,
+    /// Most padded tokens (texts times the longest text's word pieces) in one model batch: a
+    /// few long texts do not make a batch of short ones pay for their length.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_EMBED_BATCH_TOKENS",
+        default_value_t = 2048
+    )]
+    pub embed_batch_tokens: usize,
     /// Word pieces kept per text; longer texts are truncated for embedding (the model takes 512).
     #[arg(long, env = "MEMORY_SIDECAR_MAX_TEXT_TOKENS", default_value_t = 256)]
     pub max_text_tokens: usize,
@@ -293,6 +301,7 @@ pub struct EmbedConfig {
     pub spin: bool,
     pub batch_texts: usize,
     pub background_batch_texts: usize,
+    pub batch_tokens: usize,
     pub queue_texts: usize,
     pub max_text_tokens: usize,
 }
@@ -383,6 +392,7 @@ impl Flags {
             self.embed_background_batch_texts,
             1,
         )?;
+        at_least("embed-batch-tokens", self.embed_batch_tokens, 512)?;
         if !(16..=512).contains(&self.max_text_tokens) {
             bail!(
                 "--max-text-tokens must be 16..=512 (the model's limit), got {}",
@@ -471,6 +481,7 @@ impl Flags {
                 spin: self.embed_spin,
                 batch_texts: self.embed_batch_texts,
                 background_batch_texts: self.embed_background_batch_texts,
+                batch_tokens: self.embed_batch_tokens,
                 queue_texts: self.embed_queue_texts,
                 max_text_tokens: self.max_text_tokens,
             },

@@ -3,9 +3,10 @@
 //! Callers tokenize on their own thread (the indexer also sorts its texts by length), then
 //! queue a job. A model thread (one per worker, each with its own session) takes what is
 //! queued: waiting queries alone, up to `--embed-batch-texts`, or when no query waits,
-//! background jobs up to `--embed-background-batch-texts`. It pads the batch to its longest
-//! member, runs it, mean-pools over the attention mask and L2-normalises. There is no timer: an
-//! idle daemon runs a lone query at once, a busy one batches what piled up meanwhile.
+//! background jobs up to `--embed-background-batch-texts`, and never more than
+//! `--embed-batch-tokens` padded tokens. It pads the batch to its longest member, runs it,
+//! mean-pools over the attention mask and L2-normalises. There is no timer: an idle daemon runs
+//! a lone query at once, a busy one batches what piled up meanwhile.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,14 @@ struct Job {
     reply: Reply,
 }
 
+impl Job {
+    /// Its texts, and the longest one's tokens.
+    fn shape(&self) -> (usize, usize) {
+        let width = self.texts.iter().map(Vec::len).max().unwrap_or(0);
+        (self.texts.len(), width)
+    }
+}
+
 #[derive(Default)]
 struct QueueState {
     query: VecDeque<Job>,
@@ -119,7 +128,8 @@ impl JobQueue {
     }
 
     /// Blocks until work is queued; takes queries first, up to `limits.query` texts, else bulk
-    /// jobs, up to `limits.bulk` texts (always at least one job). `None` once closed.
+    /// jobs, up to `limits.bulk` texts; either way no more than `limits.tokens` padded tokens
+    /// (always at least one job). `None` once closed.
     fn take_batch(&self, limits: BatchLimits, metrics: &Metrics) -> Option<Vec<Job>> {
         let mut state = self.state.lock().expect("embed queue lock");
         while state.query.is_empty() && state.bulk.is_empty() {
@@ -140,21 +150,24 @@ impl JobQueue {
             limits.bulk
         };
         let mut batch = Vec::new();
-        let mut texts = 0;
+        let (mut texts, mut width) = (0, 0);
         loop {
             let queue = if from_queries {
                 &mut state.query
             } else {
                 &mut state.bulk
             };
-            let Some(next_len) = queue.front().map(|job| job.texts.len()) else {
+            let Some((next_texts, next_width)) = queue.front().map(Job::shape) else {
                 break;
             };
-            if !batch.is_empty() && texts + next_len > max_texts {
+            // The batch pads every text to its longest: its cost is rows times that width.
+            let padded = (texts + next_texts) * width.max(next_width);
+            if !batch.is_empty() && (texts + next_texts > max_texts || padded > limits.tokens) {
                 break;
             }
             batch.push(queue.pop_front().expect("front checked"));
-            texts += next_len;
+            texts += next_texts;
+            width = width.max(next_width);
         }
         if from_queries {
             state.query_texts -= texts;
@@ -180,11 +193,12 @@ impl JobQueue {
     }
 }
 
-/// Most texts in one model run, by the kind of work it holds.
+/// Most texts in one model run, by the kind of work it holds, and most padded tokens.
 #[derive(Clone, Copy, Debug)]
 struct BatchLimits {
     query: usize,
     bulk: usize,
+    tokens: usize,
 }
 
 /// A queued embedding job: redeem it for the job's vectors, in the order of its texts.
@@ -373,6 +387,7 @@ impl Embedder {
             let limits = BatchLimits {
                 query: config.batch_texts,
                 bulk: config.background_batch_texts,
+                tokens: config.batch_tokens,
             };
             std::thread::Builder::new()
                 .name(format!("embed-{worker}"))
@@ -520,5 +535,79 @@ fn run_jobs(session: &mut Session, jobs: Vec<Job>, metrics: &Metrics) {
                 let _ = job.reply.send(result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> JobQueue {
+        JobQueue {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            room: Condvar::new(),
+            capacity_texts: 1024,
+        }
+    }
+
+    /// Queues a job of texts with these token counts.
+    fn push(queue: &JobQueue, widths: &[usize], priority: Priority, metrics: &Metrics) {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let job = Job {
+            texts: widths.iter().map(|w| vec![1; *w]).collect(),
+            enqueued: Instant::now(),
+            reply,
+        };
+        queue.push(job, priority, metrics).unwrap();
+    }
+
+    /// The shapes of the next batch's jobs.
+    fn next(queue: &JobQueue, limits: BatchLimits, metrics: &Metrics) -> Vec<(usize, usize)> {
+        let batch = queue.take_batch(limits, metrics).unwrap();
+        batch.iter().map(Job::shape).collect()
+    }
+
+    const LIMITS: BatchLimits = BatchLimits {
+        query: 32,
+        bulk: 8,
+        tokens: 512,
+    };
+
+    #[test]
+    fn queries_go_first_and_never_share_a_run_with_background_work() {
+        let (queue, metrics) = (queue(), Metrics::new().unwrap());
+        push(&queue, &[10, 10], Priority::Bulk, &metrics);
+        push(&queue, &[12], Priority::Query, &metrics);
+        push(&queue, &[14], Priority::Query, &metrics);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(1, 12), (1, 14)]);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(2, 10)]);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_padded_token_budget() {
+        let (queue, metrics) = (queue(), Metrics::new().unwrap());
+        for width in [10, 10, 200, 10, 10] {
+            push(&queue, &[width], Priority::Query, &metrics);
+        }
+        // A third text would pad three rows to 200 tokens: 600 > 512.
+        assert_eq!(next(&queue, LIMITS, &metrics), [(1, 10), (1, 10)]);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(1, 200), (1, 10)]);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(1, 10)]);
+        // A job over the budget on its own still runs, alone.
+        push(&queue, &[300, 300], Priority::Query, &metrics);
+        push(&queue, &[10], Priority::Query, &metrics);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(2, 300)]);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(1, 10)]);
+    }
+
+    #[test]
+    fn background_batches_stop_at_their_own_text_limit() {
+        let (queue, metrics) = (queue(), Metrics::new().unwrap());
+        for _ in 0..3 {
+            push(&queue, &[20, 20, 20, 20], Priority::Bulk, &metrics);
+        }
+        assert_eq!(next(&queue, LIMITS, &metrics), [(4, 20), (4, 20)]);
+        assert_eq!(next(&queue, LIMITS, &metrics), [(4, 20)]);
     }
 }
