@@ -26,8 +26,9 @@
 //! 3. An ingest is acknowledged only after it is durable (flush + fsync); embedding and indexing
 //!    after the acknowledgement are replayed from the store's `pending` set after a crash.
 //! 4. Model inference never runs on a tokio worker thread.
-//! 5. Everything has an upper bound: body bytes, messages, characters, tokens per text, `limit`,
-//!    queued texts, requests in flight, connections, request time. Past a bound: a clear error.
+//! 5. Everything has an upper bound: body bytes, messages, characters, tokens per text and per
+//!    model batch, `limit`, queued texts, requests in flight, connections, request time. Past a
+//!    bound: a clear error.
 //! 6. A vault is chosen by the key alone, never by anything else in the request.
 //! 7. No key and no memory text is logged or used as a metric label.
 //! 8. No memory text, vector or digest of a message reaches the disk unsealed by its vault's data
