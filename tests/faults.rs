@@ -254,14 +254,16 @@ fn a_write_that_fails_loses_nothing_acknowledged_and_reads_go_on() {
     // No reserve: sled itself meets the full disk.
     let daemon = start(&data, &args, &["--min-free-mb", "0"]);
     let key = daemon.mint_key("pool");
+    let idle = daemon.mint_key("idle");
     let mut acked = Vec::new();
     for n in 0..20 {
         acked.extend(ids(&daemon.ingest(&key, None, exchange(n, 1))));
     }
+    daemon.ingest(&idle, None, exchange(7, 1));
     daemon.wait_indexed();
     // The vault is in use: its index is loaded. (A vault first read after the failure may get
     // 503 storage_unavailable instead: sled splits nodes lazily, on the next read, and a split
-    // is a write it then refuses.)
+    // is a write it then refuses. The idle vault, never queried, checks that.)
     assert_recalls_locker(&daemon, &key, 3);
 
     disk.fill(0);
@@ -308,6 +310,19 @@ fn a_write_that_fails_loses_nothing_acknowledged_and_reads_go_on() {
 
     // Reads go on.
     assert_recalls_locker(&daemon, &key, 3);
+    let body =
+        json!({"messages": [{"role": "user", "content": "What is my locker number for note 7?"}]});
+    let first_read = daemon.call("POST", "/v1/memory/prepare", &idle, None, Some(&body));
+    eprintln!("an idle vault's first read after the failure: {}", first_read.status);
+    match first_read.status {
+        200 => assert!(first_read.text().contains("1007"), "{}", first_read.text()),
+        _ => assert_eq!(
+            first_read.error_code(),
+            "storage_unavailable",
+            "{}",
+            first_read.text()
+        ),
+    }
     assert_all_kept(&daemon, &key, &acked, "after the failed write");
 
     // Space back, restart: everything acknowledged is there, and writes work again.
