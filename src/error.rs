@@ -85,7 +85,7 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the store could not make the write durable, so nothing was acknowledged; retry later. After a failed flush or fsync writes stay refused until the daemon is restarted: see /readyz and its log")]
     StorageUnavailable,
-    #[error("the store could not read this vault after a failed write; restart the daemon once the disk is fixed: see /readyz and its log")]
+    #[error("the store failed a write earlier and cannot serve this request from what it can still read; restart the daemon once the disk is fixed: see /readyz and its log")]
     StorageUnreadable,
     #[error("the request took longer than {0} ms")]
     Timeout(u64),

@@ -445,6 +445,19 @@ impl App {
     /// Refuses a write that adds data while the data filesystem is under its reserve, so that
     /// sled never meets a full disk in the middle of a write, and the reserve is left for
     /// embedding what was already acknowledged, for deletes and for revocations.
+    /// An internal error on a store that has failed is the store's failure, and says so
+    /// (`503 storage_unavailable`) rather than 500: sled refuses every write after a failed one,
+    /// and a read through a node it has not yet split needs one.
+    pub fn explain_store_failure(&self, error: ApiError) -> ApiError {
+        match error {
+            ApiError::Internal(cause) if !self.committer.is_healthy() => {
+                tracing::error!(error = %format!("{cause:#}"), "a request failed on the failed store");
+                ApiError::StorageUnreadable
+            }
+            other => other,
+        }
+    }
+
     fn check_disk_room(&self) -> Result<(), ApiError> {
         let min = self.config.limits.min_free_bytes;
         let Some(free) = self.refresh_disk_free() else {
@@ -863,17 +876,8 @@ impl App {
             Ok(recalled)
         })
         .await
-        .context("index search task")?;
-        match recalled {
-            Ok(recalled) => Ok(recalled),
-            // sled refuses writes after a failed one, and reading a node it has not yet split
-            // needs a write: a vault whose index was not loaded by then cannot be read.
-            Err(error) if !self.committer.is_healthy() => {
-                tracing::error!(%vault, error = %format!("{error:#}"), "a search failed on the unhealthy store");
-                Err(ApiError::StorageUnreadable)
-            }
-            Err(error) => Err(ApiError::Internal(error)),
-        }
+        .context("index search task")??;
+        Ok(recalled)
     }
 
     /// Finds the memories relevant to the conversation's latest user message and renders them

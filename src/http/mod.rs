@@ -221,7 +221,7 @@ async fn handle(
             Ok(outcome) => outcome,
             Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
         }
-        .map_err(|error| app.count_auth_failure(peer, error));
+        .map_err(|error| app.explain_store_failure(app.count_auth_failure(peer, error)));
     let response = outcome.unwrap_or_else(|error| error_response(route, error));
     let status_class = match response.status().as_u16() {
         100..=199 => "1xx",
