@@ -304,12 +304,12 @@ fn main() {
 }
 
 /// Where one prepare's time went: the round trip from the actual send, and the daemon's
-/// `Server-Timing` (queue wait, model run, search), in milliseconds.
+/// `Server-Timing` (queue wait, model run, search).
 struct Breakdown {
-    round_trip: f64,
-    queue: f64,
-    model: f64,
-    search: f64,
+    round_trip: Duration,
+    queue: Duration,
+    model: Duration,
+    search: Duration,
 }
 
 impl Breakdown {
@@ -319,11 +319,11 @@ impl Breakdown {
             timing
                 .iter()
                 .find(|(n, _)| n == name)
-                .map(|(_, ms)| *ms)
+                .map(|(_, ms)| Duration::from_secs_f64(ms / 1000.0))
                 .unwrap_or_else(|| panic!("no {name} in Server-Timing {timing:?}"))
         };
         Breakdown {
-            round_trip: round_trip.as_secs_f64() * 1000.0,
+            round_trip,
             queue: part("queue"),
             model: part("model"),
             search: part("search"),
@@ -337,13 +337,11 @@ impl Breakdown {
             return;
         }
         println!(
-            "
-prepare, where the time went (ms; round trip from the actual send, the rest from Server-Timing):
-"
+            "\nprepare, where the time went (ms; round trip from the actual send, the rest from Server-Timing):\n"
         );
         println!("| part | p50 | p90 | p99 |");
         println!("|---|---|---|---|");
-        let column = |part: fn(&Breakdown) -> f64| all.iter().map(part).collect::<Vec<f64>>();
+        let column = |part: fn(&Breakdown) -> Duration| all.iter().map(part).collect::<Vec<_>>();
         let parts = [
             ("round trip", column(|b| b.round_trip)),
             ("queue wait for the model", column(|b| b.queue)),
@@ -351,17 +349,16 @@ prepare, where the time went (ms; round trip from the actual send, the rest from
             ("search", column(|b| b.search)),
             (
                 "daemon overhead (round trip - queue - model)",
-                column(|b| b.round_trip - b.queue - b.model),
+                column(|b| b.round_trip.saturating_sub(b.queue + b.model)),
             ),
         ];
         for (name, mut values) in parts {
-            values.sort_by(f64::total_cmp);
-            let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+            values.sort();
             println!(
-                "| {name} | {:.2} | {:.2} | {:.2} |",
-                at(0.5),
-                at(0.9),
-                at(0.99)
+                "| {name} | {} | {} | {} |",
+                ms(percentile(&values, 0.5)),
+                ms(percentile(&values, 0.9)),
+                ms(percentile(&values, 0.99))
             );
         }
     }
