@@ -420,17 +420,9 @@ impl Embedder {
             .collect()
     }
 
-    /// Embeds texts; waits for the model thread without blocking the caller's executor.
+    /// Embeds texts, with where the time went; waits for the model thread without blocking the
+    /// caller's executor.
     pub async fn embed(
-        &self,
-        texts: &[&str],
-        priority: Priority,
-    ) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Ok(self.embed_timed(texts, priority).await?.0)
-    }
-
-    /// [`Embedder::embed`], with where the time went.
-    pub async fn embed_timed(
         &self,
         texts: &[&str],
         priority: Priority,

@@ -785,7 +785,7 @@ impl App {
 
     /// Embeds a query text, with the errors a request can show, and where its time went.
     async fn embed_query(&self, text: &str) -> Result<(Vec<f32>, EmbedTiming), ApiError> {
-        match self.embedder.embed_timed(&[text], Priority::Query).await {
+        match self.embedder.embed(&[text], Priority::Query).await {
             Ok((mut vectors, timing)) => Ok((
                 vectors.pop().context("the model returned no vector")?,
                 timing,
