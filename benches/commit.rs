@@ -9,7 +9,7 @@ use std::fs::File;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use memory_sidecar::ledger::Ledger;
+use memory_sidecar::store::ledger::Ledger;
 
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();

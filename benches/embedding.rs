@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use memory_sidecar::config::GraphOptimization;
+use memory_sidecar::config::{Config, EmbedConfig, GraphOptimization};
 use memory_sidecar::embed::{load_session, load_tokenizer, run_batch, TOKENIZER_FILE};
 
 /// 20-40-token sentences of the kind a chat produces.
@@ -25,10 +25,12 @@ fn models() -> &'static Path {
 }
 
 fn bench(c: &mut Criterion) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let tokenizer = load_tokenizer(&models().join(TOKENIZER_FILE), 256).expect("tokenizer");
-    let mut session = load_session(models(), threads, GraphOptimization::Basic, true)
-        .expect("model (run `make models`)");
+    // The model run as the daemon runs it; the option sweep below varies one setting at a time.
+    let daemon = Config::from_environment().expect("configuration").embed;
+    let threads = daemon.threads;
+    let tokenizer =
+        load_tokenizer(&models().join(TOKENIZER_FILE), daemon.max_text_tokens).expect("tokenizer");
+    let mut session = load_session(models(), &daemon).expect("model (run `make models`)");
     let tokens: Vec<Vec<u32>> = SENTENCES
         .iter()
         .map(|s| tokenizer.encode(*s, true).unwrap().get_ids().to_vec())
@@ -60,7 +62,12 @@ fn bench(c: &mut Criterion) {
         GraphOptimization::All,
     ] {
         for option_threads in [1, threads] {
-            let mut session = load_session(models(), option_threads, level, true).expect("model");
+            let options = EmbedConfig {
+                threads: option_threads,
+                optimization: level,
+                ..daemon.clone()
+            };
+            let mut session = load_session(models(), &options).expect("model");
             for batch in [1usize, 32] {
                 let texts: Vec<&[u32]> = (0..batch)
                     .map(|i| tokens[i % tokens.len()].as_slice())

@@ -1,16 +1,20 @@
-//! Search latency by vault size: exact scan against HNSW, and the hybrid ranking prepare uses
-//! (exact scan + BM25 over session windows + fusion). `cargo bench --bench index`.
-//! Also prints HNSW recall@10 against the exact scan, so speed is not bought with misses.
+//! Search latency by vault size, all through the ranking prepare uses
+//! (`VaultIndex::search_hybrid`): dense similarity alone (weight 1, no neighbour lift) by exact
+//! scan and by HNSW, and the full hybrid (BM25 over session windows + fusion) by both.
+//! `cargo bench --bench index`. Also prints HNSW recall@10 against the exact scan, so speed is
+//! not bought with misses.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memory_sidecar::index::{HybridParams, VaultIndex};
-use memory_sidecar::store::{EntryMeta, MemoryId, DIM};
+use memory_sidecar::ids::MemoryId;
+use memory_sidecar::index::{HybridParams, Ranked, VaultIndex};
+use memory_sidecar::store::EntryMeta;
+use memory_sidecar::vector::{UnitVector, DIM};
 
 /// Deterministic pseudo-random unit vectors, clustered a little like real sentence embeddings
 /// (a shared component plus noise), so that neighbours are not all equidistant.
-fn vectors(count: usize, seed: u64) -> Vec<Vec<f32>> {
+fn vectors(count: usize, seed: u64) -> Vec<UnitVector> {
     let mut state = seed;
     let mut next = move || {
         state = state
@@ -27,9 +31,21 @@ fn vectors(count: usize, seed: u64) -> Vec<Vec<f32>> {
             let mut v: Vec<f32> = centre.iter().map(|c| c + 0.8 * next()).collect();
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.iter_mut().for_each(|x| *x /= norm);
-            v
+            UnitVector::new(v).expect("normalised")
         })
         .collect()
+}
+
+/// Dense similarity alone, through the public ranking: the exact scan, or the graph's.
+const DENSE: HybridParams = HybridParams {
+    dense_weight: 1.0,
+    neighbour_weight: 0.0,
+    min_similarity: f32::NEG_INFINITY,
+    min_lexical: f32::NEG_INFINITY,
+};
+
+fn dense(index: &VaultIndex, query: &UnitVector) -> Vec<Ranked> {
+    index.search_hybrid(query, &[], 10, &DENSE, None)
 }
 
 /// A word of a 5,000-word vocabulary, with a skew (low ranks are common, as in text).
@@ -95,16 +111,16 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("exact", size), &index, |b, index| {
             b.iter(|| {
                 q += 1;
-                index.search(&queries[q % queries.len()], 10)
+                dense(index, &queries[q % queries.len()])
             })
         });
-        let exact: Vec<_> = queries.iter().map(|q| index.search(q, 10)).collect();
+        let exact: Vec<_> = queries.iter().map(|q| dense(&index, q)).collect();
         let started = Instant::now();
         index.build_graph_now();
         let build = started.elapsed();
         let mut found = 0;
         for (q, truth) in queries.iter().zip(&exact) {
-            let got = index.search(q, 10);
+            let got = dense(&index, q);
             found += truth
                 .iter()
                 .filter(|t| got.iter().any(|g| g.id == t.id))
@@ -118,7 +134,14 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("hnsw", size), &index, |b, index| {
             b.iter(|| {
                 q += 1;
-                index.search(&queries[q % queries.len()], 10)
+                dense(index, &queries[q % queries.len()])
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("hybrid_hnsw", size), &index, |b, index| {
+            b.iter(|| {
+                q += 1;
+                let at = q % queries.len();
+                index.search_hybrid(&queries[at], &query_terms[at], 10, &params, None)
             })
         });
     }

@@ -369,17 +369,18 @@ const BARE_WINDOW: usize = 64;
 /// ...and run in batches of this many (its `--embed-background-batch-texts` default).
 const BARE_BATCH: usize = 8;
 
-/// Texts per second from one bare ONNX Runtime session (the daemon's thread count and graph
-/// level defaults) over generated sentences, for a few seconds each: in batches of 32 in corpus
+/// Texts per second from one bare ONNX Runtime session (the daemon's embedding settings) over generated sentences, for a few seconds each: in batches of 32 in corpus
 /// order, then batching as the daemon's indexer does.
 fn bare_model_texts_per_second(rng: &mut Rng) -> (f64, f64) {
-    use memory_sidecar::config::GraphOptimization;
+    use memory_sidecar::config::Config;
     use memory_sidecar::embed::{load_session, load_tokenizer, run_batch, TOKENIZER_FILE};
     let models = common::models_dir();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let tokenizer = load_tokenizer(&models.join(TOKENIZER_FILE), 256).expect("tokenizer");
-    let mut session =
-        load_session(&models, threads, GraphOptimization::Basic, true).expect("model");
+    // The model run as the daemon runs it (threads, graph level, spinning), so that the
+    // efficiency ratios compare like with like.
+    let embed = Config::from_environment().expect("configuration").embed;
+    let tokenizer =
+        load_tokenizer(&models.join(TOKENIZER_FILE), embed.max_text_tokens).expect("tokenizer");
+    let mut session = load_session(&models, &embed).expect("model");
     let tokens: Vec<Vec<u32>> = (0..256)
         .map(|_| {
             let text = sentence(rng);

@@ -23,13 +23,18 @@ use std::time::{Duration, Instant};
 
 use common::corpus::{dir_bytes, ms, percentile, proc_status_mb, question, sentence, Rng};
 use common::{Conn, Daemon};
-use memory_sidecar::auth::{NewKey, Scope};
-use memory_sidecar::config::GraphOptimization;
-use memory_sidecar::crypto::{Keyring, MasterKey};
+use memory_sidecar::auth::NewKey;
+use memory_sidecar::config::Config;
+use memory_sidecar::crypto::MasterKey;
 use memory_sidecar::embed::{load_session, load_tokenizer, run_batch, TOKENIZER_FILE};
+use memory_sidecar::ids::Scope;
+use memory_sidecar::index::terms;
+use memory_sidecar::metrics::Metrics;
 use memory_sidecar::store::{
-    EntryMeta, KeyRecord, MemoryRecord, NewMemory, Store, VaultId, VaultRecord,
+    Durability, EntryMeta, KeyRecord, Keys, Memories, MemoryRecord, NewMemory, SledOptions,
+    SledStore, Vaults, Vectors,
 };
+use memory_sidecar::vector::UnitVector;
 use serde_json::json;
 
 struct Options {
@@ -59,10 +64,11 @@ fn options() -> Options {
 /// 2,000 sentences and the real model's vector of each.
 fn sentence_pool(rng: &mut Rng) -> Vec<(String, Vec<f32>)> {
     let models = common::models_dir();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let tokenizer = load_tokenizer(&models.join(TOKENIZER_FILE), 256).expect("tokenizer");
-    let mut session =
-        load_session(&models, threads, GraphOptimization::Basic, true).expect("model");
+    // The model run as the daemon runs it.
+    let embed = Config::from_environment().expect("configuration").embed;
+    let tokenizer =
+        load_tokenizer(&models.join(TOKENIZER_FILE), embed.max_text_tokens).expect("tokenizer");
+    let mut session = load_session(&models, &embed).expect("model");
     let texts: Vec<String> = (0..2000).map(|_| sentence(rng)).collect();
     let mut pool = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(32) {
@@ -87,32 +93,26 @@ fn sentence_pool(rng: &mut Rng) -> Vec<(String, Vec<f32>)> {
 /// returns the keys' texts.
 fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> {
     let pool = sentence_pool(rng);
-    let store = Store::open(&data.join("store"), 256 << 20).unwrap();
     let master = MasterKey::from_hex(common::MASTER_KEY).unwrap();
-    let keyring = Keyring::open(&data.join("keyring"), &master, true).unwrap();
+    let options_store = SledOptions {
+        data_dir: data.to_owned(),
+        cache_bytes: 256 << 20,
+        accept_lost_commits: false,
+    };
+    let store = SledStore::open(&options_store, &master, Metrics::new().unwrap()).unwrap();
     let per_vault = options.memories / options.vaults;
     let now = 1_790_000_000_000i64;
     let mut keys = Vec::with_capacity(options.vaults);
     for v in 0..options.vaults {
-        let vault = VaultId::generate();
-        let cipher = keyring.replace(vault).unwrap();
-        store
-            .create_vault(
-                vault,
-                &VaultRecord {
-                    created_at_ms: now,
-                    erasing: false,
-                    removing: false,
-                },
-            )
-            .unwrap();
+        let vault = store.create_vault(now).unwrap();
+        let cipher = store.cipher(vault).unwrap();
         let key = NewKey::generate();
         store
             .insert_key(&KeyRecord {
                 id: key.id.clone(),
                 name: format!("scale:{v}"),
                 hash: key.hash.clone(),
-                vault: vault.to_string(),
+                vault,
                 scopes: Scope::DEFAULT.to_vec(),
                 created_at_ms: now,
                 expires_days: None,
@@ -154,7 +154,7 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
                         created_at_ms: memory.record.created_at_ms,
                         session_id: memory.record.session_id.clone(),
                         tags: Vec::new(),
-                        terms: memory_sidecar::lexical::terms(&memory.record.content),
+                        terms: terms(&memory.record.content),
                     };
                     // The sentence's vector, nudged so that no two memories share one
                     // exactly (two different texts never do; exact twins by the tens of
@@ -165,13 +165,13 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
                     }
                     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
                     vector.iter_mut().for_each(|x| *x /= norm);
-                    (*id, vector, meta)
+                    (*id, UnitVector::new(vector).unwrap(), meta)
                 })
                 .collect();
             store.insert_vectors(vault, &cipher, &items).unwrap();
         }
     }
-    store.sync().unwrap();
+    store.close().unwrap();
     keys
 }
 

@@ -6,57 +6,25 @@
 //! the id lets the record be found without scanning; only SHA-256(id, secret) is ever stored.
 
 use std::fmt;
+use std::path::Path;
 
+use anyhow::Context;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::bounds::MIN_ADMIN_KEY_LEN;
 use crate::error::ApiError;
-use crate::store::VaultId;
+use crate::ids::{KeyId, Scope, VaultId};
 
 pub const KEY_PREFIX: &str = "mk_";
-const ID_LEN: usize = 16;
+const ID_LEN: usize = KeyId::LEN;
 const SECRET_LEN: usize = 32;
 const CHECK_LEN: usize = 6;
 pub const KEY_LEN: usize = KEY_PREFIX.len() + ID_LEN + SECRET_LEN + CHECK_LEN;
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-/// Admin keys shorter than this are refused at start-up.
-pub const MIN_ADMIN_KEY_LEN: usize = 32;
-/// Longest credential header value looked at; anything longer is refused unread.
-pub const MAX_CREDENTIAL_LEN: usize = 256;
-
-/// What a memory key may do at all. A call outside its scopes is refused with 403.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// prepare, search and export, stats.
-    Read,
-    /// ingest, upload.
-    Write,
-    /// delete memories, a session, the vault's contents.
-    Delete,
-    /// manage the keys of the key's own vault.
-    Admin,
-}
-
-impl Scope {
-    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Write, Scope::Delete, Scope::Admin];
-    pub const DEFAULT: [Scope; 2] = [Scope::Read, Scope::Write];
-
-    pub fn parse(text: &str) -> Option<Scope> {
-        Scope::ALL.into_iter().find(|s| s.as_str() == text)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Write => "write",
-            Scope::Delete => "delete",
-            Scope::Admin => "admin",
-        }
-    }
-}
+/// The variable that gives the admin key itself, winning over `<data-dir>/admin.key`.
+pub const ADMIN_KEY_ENV: &str = "MEMORY_SIDECAR_ADMIN_KEY";
 
 /// What a key's suffix lets a request do. The suffix only ever narrows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +62,7 @@ impl Mode {
 
 /// A memory key as presented: its public id, its secret and the mode suffix.
 pub struct PresentedKey {
-    pub id: String,
+    pub id: KeyId,
     secret: String,
     pub mode: Mode,
 }
@@ -143,9 +111,7 @@ impl PresentedKey {
         let body = &key[KEY_PREFIX.len()..];
         let (id, rest) = body.split_at(ID_LEN);
         let (secret, check) = rest.split_at(SECRET_LEN);
-        let id_ok = id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let id_ok = KeyId::is_valid(id);
         let secret_ok = secret.bytes().all(|b| b.is_ascii_alphanumeric());
         if !id_ok
             || !secret_ok
@@ -158,7 +124,7 @@ impl PresentedKey {
             return Err(ApiError::InvalidKey);
         }
         Ok(PresentedKey {
-            id: id.to_owned(),
+            id: id.parse().map_err(|_| ApiError::InvalidKey)?,
             secret: secret.to_owned(),
             mode,
         })
@@ -166,13 +132,13 @@ impl PresentedKey {
 
     /// The value stored for this key: SHA-256 over id and secret, hex.
     pub fn hash(&self) -> String {
-        secret_hash(&self.id, &self.secret)
+        secret_hash(self.id.as_str(), &self.secret)
     }
 }
 
 /// A freshly minted key: the full text is shown to the caller once and never stored.
 pub struct NewKey {
-    pub id: String,
+    pub id: KeyId,
     pub full: String,
     pub hash: String,
 }
@@ -180,12 +146,12 @@ pub struct NewKey {
 impl NewKey {
     pub fn generate() -> NewKey {
         let mut rng = rand::rng();
-        let id = hex::encode(rng.random::<[u8; ID_LEN / 2]>());
+        let id = KeyId::generate();
         let secret: String = (0..SECRET_LEN)
             .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
             .collect();
-        let full = compose_key(&id, &secret);
-        let hash = secret_hash(&id, &secret);
+        let full = compose_key(id.as_str(), &secret);
+        let hash = secret_hash(id.as_str(), &secret);
         NewKey { id, full, hash }
     }
 }
@@ -196,7 +162,7 @@ pub fn compose_key(id: &str, secret: &str) -> String {
 }
 
 /// The public, loggable part of a key: `mk_` and its id.
-pub fn key_prefix(id: &str) -> String {
+pub fn key_prefix(id: &KeyId) -> String {
     format!("{KEY_PREFIX}{id}")
 }
 
@@ -239,6 +205,18 @@ impl fmt::Debug for AdminKey {
 }
 
 impl AdminKey {
+    /// The admin key from `MEMORY_SIDECAR_ADMIN_KEY`, or from `<data-dir>/admin.key`, created
+    /// with mode 0600 on first start. The log says where the key is, never what it is.
+    pub fn load(data_dir: &Path) -> anyhow::Result<AdminKey> {
+        if let Ok(text) = std::env::var(ADMIN_KEY_ENV) {
+            tracing::info!("admin key taken from {ADMIN_KEY_ENV}");
+            return AdminKey::new(text.trim()).context(ADMIN_KEY_ENV);
+        }
+        let path = data_dir.join("admin.key");
+        let text = crate::fsio::secret_file(&path, "admin key", true, AdminKey::generate_text)?;
+        AdminKey::new(text.trim()).with_context(|| format!("{}", path.display()))
+    }
+
     pub fn new(secret: &str) -> anyhow::Result<AdminKey> {
         if secret.len() < MIN_ADMIN_KEY_LEN {
             anyhow::bail!("the admin key must be at least {MIN_ADMIN_KEY_LEN} characters");
@@ -277,7 +255,7 @@ pub enum Access {
 /// A memory key's capability: its vault, its scopes, and what its mode allows.
 #[derive(Clone, Debug)]
 pub struct MemoryAccess {
-    pub key_id: String,
+    pub key_id: KeyId,
     pub vault: VaultId,
     pub scopes: Vec<Scope>,
     pub mode: Mode,
@@ -326,7 +304,7 @@ impl Access {
     pub fn actor(&self) -> String {
         match self {
             Access::Admin => "admin".to_owned(),
-            Access::Memory(access) => access.key_id.clone(),
+            Access::Memory(access) => access.key_id.to_string(),
         }
     }
 }
@@ -427,8 +405,6 @@ mod tests {
         assert!(write_only.require(Scope::Write).is_err());
         let off = access(&Scope::ALL, ":off");
         assert!(Scope::ALL.iter().all(|s| off.require(*s).is_err()));
-        assert_eq!(Scope::parse("delete"), Some(Scope::Delete));
-        assert_eq!(Scope::parse("Delete"), None);
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser, ValueEnum};
 
+use crate::bounds::{MAX_LIMIT_CEILING, MAX_MESSAGE_CHARS_CEILING};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -17,7 +19,7 @@ pub enum LogFormat {
 }
 
 /// ONNX Runtime's graph optimisation level. `basic` measured fastest for this int8 model on
-/// the reference machine (README.md, "Measured"): the extended fusions slow it down.
+/// the reference machine (docs/benchmarks.md, "Embedding"): the extended fusions slow it down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GraphOptimization {
     Disable,
@@ -181,7 +183,7 @@ pub struct Flags {
     pub embed_graph_optimization: GraphOptimization,
     /// Let ONNX Runtime's threads spin between model runs (true) instead of sleeping (false).
     /// Spinning made a lone query ~1 ms faster here but cost ~0.8 of a core at 60 requests/s,
-    /// and fewer prepares at saturation: a sidecar shares its cores (README, "Measured").
+    /// and fewer prepares at saturation: a sidecar shares its cores (docs/benchmarks.md).
     #[arg(long, env = "MEMORY_SIDECAR_EMBED_SPIN", default_value_t = false, action = ArgAction::Set)]
     pub embed_spin: bool,
     /// Most texts in one model batch of queries.
@@ -247,7 +249,8 @@ pub struct Flags {
     pub cache_bytes: u64,
 }
 
-/// The validated configuration. Secrets never live here (the admin key is read by `auth`).
+/// The validated configuration. Secrets never live here (the admin key is read by `auth`, the
+/// master key by `crypto`).
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -256,6 +259,7 @@ pub struct Config {
     pub models_dir: PathBuf,
     pub log_format: LogFormat,
     pub log: String,
+    pub http: HttpConfig,
     pub limits: Limits,
     pub embed: EmbedConfig,
     pub retrieval: RetrievalConfig,
@@ -263,11 +267,22 @@ pub struct Config {
     pub accept_lost_commits: bool,
 }
 
-/// Bounds on everything a request can make the daemon hold.
+/// HTTP's own bounds: connections, time, body bytes. Passed to `http::serve`; the domain
+/// never reads them.
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub struct HttpConfig {
     pub max_body_bytes: usize,
     pub max_upload_bytes: usize,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// Bounds on everything a request can make the domain hold.
+#[derive(Clone, Debug)]
+pub struct Limits {
     pub max_vault_memories: usize,
     pub max_audit_entries: usize,
     /// Sustained requests per second per memory key; 0 for none.
@@ -284,11 +299,6 @@ pub struct Limits {
     pub max_limit: usize,
     pub default_max_tokens: usize,
     pub max_max_tokens: usize,
-    pub max_connections: usize,
-    pub max_inflight: usize,
-    pub header_timeout: Duration,
-    pub request_timeout: Duration,
-    pub shutdown_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -316,6 +326,15 @@ pub struct RetrievalConfig {
     pub short_query_words: usize,
     pub hnsw_threshold: usize,
     pub max_loaded_memories: usize,
+}
+
+impl Config {
+    /// The configuration the daemon would run with here given no flags: its defaults, and any
+    /// `MEMORY_SIDECAR_*` variables. Benchmarks build their bare-model baselines from it, so
+    /// they run the model as the daemon does.
+    pub fn from_environment() -> anyhow::Result<Config> {
+        Flags::try_parse_from(["memory-sidecar"])?.validate()
+    }
 }
 
 impl Flags {
@@ -350,17 +369,19 @@ impl Flags {
             bail!("--key-burst must be at least 1 when a key rate is set");
         }
         at_least("max-message-chars", self.max_message_chars, 16)?;
-        // A stored message must stay under sled's 128 KiB blob threshold (FACTS.md), even when
-        // every character is a control character that JSON escapes as six bytes.
-        if self.max_message_chars > 20_000 {
+        if self.max_message_chars > MAX_MESSAGE_CHARS_CEILING {
             bail!(
-                "--max-message-chars must be at most 20000, got {}",
+                "--max-message-chars must be at most {MAX_MESSAGE_CHARS_CEILING} (sled's blob \
+                 threshold), got {}",
                 self.max_message_chars
             );
         }
         at_least("max-limit", self.max_limit, 50)?;
-        if self.max_limit > 1000 {
-            bail!("--max-limit must be at most 1000, got {}", self.max_limit);
+        if self.max_limit > MAX_LIMIT_CEILING {
+            bail!(
+                "--max-limit must be at most {MAX_LIMIT_CEILING}, got {}",
+                self.max_limit
+            );
         }
         at_least("default-limit", self.default_limit, 1)?;
         if self.default_limit > self.max_limit {
@@ -452,9 +473,16 @@ impl Flags {
             models_dir: self.models_dir,
             log_format: self.log_format,
             log: self.log,
-            limits: Limits {
+            http: HttpConfig {
                 max_body_bytes: self.max_body_bytes,
                 max_upload_bytes: self.max_upload_bytes,
+                max_connections: self.max_connections,
+                max_inflight: self.max_inflight,
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+                request_timeout: Duration::from_millis(self.request_timeout_ms),
+                shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            },
+            limits: Limits {
                 max_vault_memories: self.max_vault_memories,
                 max_audit_entries: self.max_audit_entries,
                 key_rate_per_second: self.key_rate_per_second,
@@ -468,11 +496,6 @@ impl Flags {
                 max_limit: self.max_limit,
                 default_max_tokens: self.default_max_tokens,
                 max_max_tokens: self.max_max_tokens,
-                max_connections: self.max_connections,
-                max_inflight: self.max_inflight,
-                header_timeout: Duration::from_millis(self.header_timeout_ms),
-                request_timeout: Duration::from_millis(self.request_timeout_ms),
-                shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             },
             embed: EmbedConfig {
                 threads: threads / self.embed_workers,

@@ -20,7 +20,8 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::store::VaultId;
+use crate::fsio::sync_parent;
+use crate::ids::VaultId;
 
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
@@ -42,7 +43,11 @@ pub enum Purpose {
     Vector = 2,
 }
 
-/// The operator's 256-bit master key. Never logged; dropped keys are not zeroed (see README).
+/// The variable that gives the master key itself, winning over its file.
+pub const MASTER_KEY_ENV: &str = "MEMORY_SIDECAR_MASTER_KEY";
+
+/// The operator's 256-bit master key. Never logged; dropped keys are not zeroed
+/// (docs/operations.md).
 pub struct MasterKey([u8; KEY_LEN]);
 
 impl std::fmt::Debug for MasterKey {
@@ -52,6 +57,28 @@ impl std::fmt::Debug for MasterKey {
 }
 
 impl MasterKey {
+    /// The master key from `MEMORY_SIDECAR_MASTER_KEY`, or from `file`, created with mode 0600
+    /// on first start only: once `keyring` exists, a missing master key is an error, never a
+    /// new key (which could not open the vaults sealed under the old one).
+    pub fn load(file: &Path, keyring: &Path) -> anyhow::Result<MasterKey> {
+        if let Ok(text) = std::env::var(MASTER_KEY_ENV) {
+            tracing::info!("master key taken from {MASTER_KEY_ENV}");
+            return MasterKey::from_hex(&text).context(MASTER_KEY_ENV);
+        }
+        let first_start = !keyring.exists();
+        let text =
+            crate::fsio::secret_file(file, "master key", first_start, MasterKey::generate_hex)
+                .with_context(|| {
+                    format!(
+                        "the keyring {} exists, so its master key is needed: restore {} or set \
+                         {MASTER_KEY_ENV}",
+                        keyring.display(),
+                        file.display()
+                    )
+                })?;
+        MasterKey::from_hex(&text).with_context(|| format!("{}", file.display()))
+    }
+
     /// Parses 64 hex digits.
     pub fn from_hex(text: &str) -> anyhow::Result<MasterKey> {
         let mut key = [0u8; KEY_LEN];
@@ -162,6 +189,9 @@ pub struct Keyring {
     master: XChaCha20Poly1305,
     file: Mutex<File>,
     slots: RwLock<Slots>,
+    /// Runs between a slot's write and its fsync (tests that stall an fsync).
+    #[cfg(test)]
+    before_sync: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 impl Keyring {
@@ -188,6 +218,14 @@ impl Keyring {
         file.read_to_end(&mut bytes)
             .with_context(|| format!("reading the keyring {}", path.display()))?;
         if bytes.is_empty() {
+            if !create {
+                bail!(
+                    "the keyring {} is empty, but the store holds vaults: their data keys are \
+                     gone and no memory can be read. Restore the keyring from backup (a new, \
+                     empty keyring is only made for a store without vaults)",
+                    path.display()
+                );
+            }
             let header = header(&cipher);
             file.write_all_at(&header, 0)?;
             file.sync_all()?;
@@ -238,6 +276,8 @@ impl Keyring {
             master: cipher,
             file: Mutex::new(file),
             slots: RwLock::new(slots),
+            #[cfg(test)]
+            before_sync: Mutex::new(None),
         })
     }
 
@@ -266,17 +306,24 @@ impl Keyring {
 
     /// Gives `vault` a fresh data key, durably. An existing key is overwritten in place: that
     /// is how a vault's contents are erased.
+    ///
+    /// Writers take the file lock for the whole change, the slot map's lock only for a moment
+    /// before and after the write: a lookup never waits for an fsync.
     pub fn replace(&self, vault: VaultId) -> anyhow::Result<Arc<VaultCipher>> {
         let data_key: [u8; KEY_LEN] = rand::random();
         let slot_bytes = wrap_slot(&self.master, vault, &data_key);
         let cipher = Arc::new(VaultCipher::new(&data_key));
         let file = self.file.lock().expect("keyring file lock");
-        let mut slots = self.slots.write().expect("keyring lock");
-        let index = match slots.by_vault.get(&vault) {
-            Some((index, _)) => *index,
-            None => slots.free.pop().unwrap_or(slots.len),
+        // Only writers change the allocation, and they are serialised by the file lock.
+        let index = {
+            let slots = self.slots.read().expect("keyring lock");
+            match slots.by_vault.get(&vault) {
+                Some((index, _)) => *index,
+                None => slots.free.last().copied().unwrap_or(slots.len),
+            }
         };
-        write_slot(&file, index, &slot_bytes)?;
+        self.write_slot(&file, index, &slot_bytes)?;
+        let mut slots = self.slots.write().expect("keyring lock");
         if index == slots.len {
             slots.len += 1;
         }
@@ -288,33 +335,34 @@ impl Keyring {
     /// Destroys the vault's data key, durably: its slot is zeroed in place.
     pub fn remove(&self, vault: VaultId) -> anyhow::Result<()> {
         let file = self.file.lock().expect("keyring file lock");
-        let mut slots = self.slots.write().expect("keyring lock");
-        let Some((index, _)) = slots.by_vault.get(&vault).cloned() else {
+        let Some((index, _)) = self
+            .slots
+            .read()
+            .expect("keyring lock")
+            .by_vault
+            .get(&vault)
+            .cloned()
+        else {
             return Ok(());
         };
-        write_slot(&file, index, &[0u8; SLOT_LEN])?;
+        self.write_slot(&file, index, &[0u8; SLOT_LEN])?;
+        let mut slots = self.slots.write().expect("keyring lock");
         slots.by_vault.remove(&vault);
         slots.free.push(index);
         Ok(())
     }
-}
 
-/// Makes a new file's directory entry durable.
-pub fn sync_parent(path: &Path) -> anyhow::Result<()> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("fsync of the directory {}", parent.display()))
-}
-
-fn write_slot(file: &File, index: usize, bytes: &[u8; SLOT_LEN]) -> anyhow::Result<()> {
-    file.write_all_at(bytes, ((index + 1) * SLOT_LEN) as u64)
-        .context("writing a keyring slot")?;
-    file.sync_data().context("fsync of the keyring")?;
-    Ok(())
+    /// Writes one slot in place and fsyncs it, with the file lock held.
+    fn write_slot(&self, file: &File, index: usize, bytes: &[u8; SLOT_LEN]) -> anyhow::Result<()> {
+        file.write_all_at(bytes, ((index + 1) * SLOT_LEN) as u64)
+            .context("writing a keyring slot")?;
+        #[cfg(test)]
+        if let Some(hook) = self.before_sync.lock().expect("hook lock").as_ref() {
+            hook();
+        }
+        file.sync_data().context("fsync of the keyring")?;
+        Ok(())
+    }
 }
 
 fn header(master: &XChaCha20Poly1305) -> [u8; SLOT_LEN] {
@@ -521,6 +569,61 @@ mod tests {
         let after = std::fs::read(&path).unwrap();
         assert_eq!(after[SLOT_LEN..2 * SLOT_LEN], bytes[SLOT_LEN..2 * SLOT_LEN]);
         assert_eq!(after.len(), 4 * SLOT_LEN, "a new slot, not the corrupt one");
+    }
+
+    #[test]
+    fn an_empty_keyring_is_refused_unless_a_new_one_may_be_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        let key = master();
+        Keyring::open(&path, &key, true)
+            .unwrap()
+            .replace(VaultId::generate())
+            .unwrap();
+        std::fs::write(&path, b"").unwrap();
+        let error = Keyring::open(&path, &key, false).err().unwrap();
+        assert!(format!("{error:#}").contains("is empty"), "{error:#}");
+        assert!(
+            std::fs::read(&path).unwrap().is_empty(),
+            "the file is left as found"
+        );
+        assert!(Keyring::open(&path, &key, true).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_lookup_does_not_wait_for_another_vaults_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Arc::new(Keyring::open(&dir.path().join("keyring"), &master(), true).unwrap());
+        let known = VaultId::generate();
+        ring.replace(known).unwrap();
+        // Stall the next fsync until the lookup below has answered (or a minute has passed).
+        let (looked_up, wait_lookup) = std::sync::mpsc::channel::<()>();
+        let (stalled, wait_stall) = std::sync::mpsc::channel::<()>();
+        let wait_lookup = Mutex::new(wait_lookup);
+        *ring.before_sync.lock().unwrap() = Some(Box::new(move || {
+            let _ = stalled.send(());
+            let _ = wait_lookup
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(60));
+        }));
+        let writer = {
+            let ring = ring.clone();
+            std::thread::spawn(move || ring.replace(VaultId::generate()).unwrap())
+        };
+        wait_stall.recv().unwrap();
+        let (answer, answered) = std::sync::mpsc::channel();
+        let reader = {
+            let ring = ring.clone();
+            std::thread::spawn(move || answer.send(ring.cipher(known).is_some()).unwrap())
+        };
+        let found = answered.recv_timeout(std::time::Duration::from_secs(30));
+        looked_up.send(()).unwrap();
+        assert_eq!(found, Ok(true), "the lookup waited for the stalled fsync");
+        writer.join().unwrap();
+        reader.join().unwrap();
+        *ring.before_sync.lock().unwrap() = None;
+        assert_eq!(ring.len(), 2);
     }
 
     #[test]

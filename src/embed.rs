@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -22,7 +23,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::config::{EmbedConfig, GraphOptimization};
 use crate::metrics::Metrics;
-use crate::store::DIM;
+use crate::vector::DIM;
 
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 pub const MODEL_FILE: &str = "model.onnx";
@@ -217,6 +218,8 @@ pub struct Embedder {
     tokenizer: Arc<Tokenizer>,
     queue: Arc<JobQueue>,
     metrics: Metrics,
+    /// The model threads, joined by [`Embedder::join`].
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 /// The files the daemon needs in its models directory, each checked before anything loads.
@@ -271,14 +274,16 @@ fn environment(library: &Path) -> anyhow::Result<Environment> {
     Ok(environment)
 }
 
-/// Opens an ONNX Runtime session for the model with `threads` intra-op threads, which spin
-/// between runs only if `spin`.
-pub fn load_session(
-    models_dir: &Path,
-    threads: usize,
-    optimization: GraphOptimization,
-    spin: bool,
-) -> anyhow::Result<Session> {
+/// Opens an ONNX Runtime session for the model as `config` says: its intra-op threads, graph
+/// optimisation and whether the threads spin between runs. Benchmarks open their bare-model
+/// baselines through this too, with the daemon's own [`EmbedConfig`], so that both run alike.
+pub fn load_session(models_dir: &Path, config: &EmbedConfig) -> anyhow::Result<Session> {
+    let EmbedConfig {
+        threads,
+        optimization,
+        spin,
+        ..
+    } = *config;
     let [library, model, _] = model_files(models_dir)?;
     let environment = environment(&library)?;
     let session = Session::builder(&environment)
@@ -379,8 +384,9 @@ impl Embedder {
         });
         // Every session loads before any thread starts: a failure leaves no thread behind.
         let sessions = (0..config.workers)
-            .map(|_| load_session(models_dir, config.threads, config.optimization, config.spin))
+            .map(|_| load_session(models_dir, config))
             .collect::<anyhow::Result<Vec<Session>>>()?;
+        let mut threads = Vec::with_capacity(sessions.len());
         for (worker, mut session) in sessions.into_iter().enumerate() {
             let worker_queue = queue.clone();
             let worker_metrics = metrics.clone();
@@ -389,7 +395,7 @@ impl Embedder {
                 bulk: config.background_batch_texts,
                 tokens: config.batch_tokens,
             };
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("embed-{worker}"))
                 .spawn(move || {
                     while let Some(jobs) = worker_queue.take_batch(limits, &worker_metrics) {
@@ -397,12 +403,21 @@ impl Embedder {
                     }
                     tracing::debug!(worker, "embedding thread stopped");
                 })
-                .context("starting an embedding thread")?;
+                .context("starting an embedding thread");
+            match thread {
+                Ok(thread) => threads.push(thread),
+                Err(error) => {
+                    // The threads already started end with the queue.
+                    queue.close();
+                    return Err(error);
+                }
+            }
         }
         Ok(Embedder {
             tokenizer,
             queue,
             metrics,
+            threads: Arc::new(Mutex::new(threads)),
         })
     }
 
@@ -465,10 +480,21 @@ impl Embedder {
         }
     }
 
-    /// Stops the model thread after its current batch; queued jobs are dropped (their callers
-    /// see `Closed`; stored memories stay pending for the next start).
+    /// Stops the model threads after their current batch; queued jobs are dropped (their
+    /// callers see `Closed`; stored memories stay pending for the next start).
     pub fn close(&self) {
         self.queue.close();
+    }
+
+    /// Closes the queue and waits for the model threads to end (at most one batch each).
+    pub fn join(&self) {
+        self.close();
+        let threads = std::mem::take(&mut *self.threads.lock().expect("embed threads lock"));
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("an embedding thread panicked");
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::auth::Scope;
+use crate::ids::Scope;
 
 /// Everything a request can fail with. The message is for humans; the code is for programs.
 #[derive(Debug, thiserror::Error)]

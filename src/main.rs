@@ -1,9 +1,6 @@
-//! The `memory-sidecar` binary: flags -> Config -> tracing -> App -> serve -> exit code.
+//! The `memory-sidecar` binary: flags -> Config -> tracing -> App -> serve -> close -> exit code.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -53,106 +50,46 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin key from `MEMORY_SIDECAR_ADMIN_KEY`, or from `<data-dir>/admin.key`, created with
-/// mode 0600 on first start. The log says where the key is, never what it is.
-fn admin_key(data_dir: &Path) -> anyhow::Result<AdminKey> {
-    if let Ok(text) = std::env::var("MEMORY_SIDECAR_ADMIN_KEY") {
-        tracing::info!("admin key taken from MEMORY_SIDECAR_ADMIN_KEY");
-        return AdminKey::new(text.trim()).context("MEMORY_SIDECAR_ADMIN_KEY");
-    }
-    let path = data_dir.join("admin.key");
-    let text = secret_file(&path, "admin key", true, AdminKey::generate_text)?;
-    AdminKey::new(text.trim()).with_context(|| format!("{}", path.display()))
-}
-
-/// The master key from `MEMORY_SIDECAR_MASTER_KEY`, or from its file, created with mode 0600
-/// on first start only: once a keyring exists, a missing master key is an error, never a new
-/// key (which could not open the vaults sealed under the old one).
-fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
-    if let Ok(text) = std::env::var("MEMORY_SIDECAR_MASTER_KEY") {
-        tracing::info!("master key taken from MEMORY_SIDECAR_MASTER_KEY");
-        return MasterKey::from_hex(&text).context("MEMORY_SIDECAR_MASTER_KEY");
-    }
-    let path = &config.master_key_file;
-    let keyring = config.data_dir.join("keyring");
-    let first_start = !keyring.exists();
-    let text = secret_file(path, "master key", first_start, MasterKey::generate_hex).with_context(
-        || {
-            format!(
-                "the keyring {} exists, so its master key is needed: restore {} or set \
-                 MEMORY_SIDECAR_MASTER_KEY",
-                keyring.display(),
-                path.display()
-            )
-        },
-    )?;
-    MasterKey::from_hex(&text).with_context(|| format!("{}", path.display()))
-}
-
-/// Reads a secret file, or creates it (mode 0600, fsynced) from `generate` when `create` is set
-/// and it does not exist. Warns when the file is readable by others.
-fn secret_file(
-    path: &Path,
-    what: &str,
-    create: bool,
-    generate: fn() -> String,
-) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the {what} file is readable by others; chmod 600 it");
-            }
-            tracing::info!(path = %path.display(), "{what} read from file");
-            Ok(text)
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            let text = generate();
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            memory_sidecar::crypto::sync_parent(path)?;
-            tracing::info!(path = %path.display(), "generated a new {what} (mode 0600)");
-            Ok(text)
-        }
-        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
+/// Opens the app, serves until SIGTERM or SIGINT, then closes the app whatever happened.
 fn run(config: Config) -> anyhow::Result<()> {
+    let admin = AdminKey::load(&config.data_dir)?;
+    let master = MasterKey::load(&config.master_key_file, &config.data_dir.join("keyring"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("http")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let admin = admin_key(&config.data_dir)?;
-        let master = master_key(&config)?;
-        let metrics = Metrics::new()?;
-        let listen = config.listen;
-        let app = App::open(config, admin, master, metrics, Arc::new(SystemClock))?;
+    let (listen, http) = (config.listen, config.http.clone());
+    let app = App::open(
+        config,
+        admin,
+        master,
+        Metrics::new()?,
+        Arc::new(SystemClock),
+    )?;
+    let served = runtime.block_on(async {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
         let address = listener.local_addr()?;
         tracing::info!(%address, "listening");
-        // A machine-readable line on stdout, for scripts and tests that asked for port 0.
-        println!("memory-sidecar listening on http://{address}");
+        // A machine-readable line on stdout, for scripts and tests that asked for port 0. A
+        // closed stdout is no reason to stop: the log above says the same.
+        if let Err(error) = writeln!(
+            std::io::stdout().lock(),
+            "memory-sidecar listening on http://{address}"
+        ) {
+            tracing::warn!(%error, "could not write the listening address to stdout");
+        }
         app.start()?;
-        memory_sidecar::http::serve(app.clone(), listener, shutdown_signal()).await?;
-        app.close()?;
-        tracing::info!("stopped cleanly");
-        Ok(())
-    })
+        memory_sidecar::http::serve(app.clone(), listener, http, shutdown_signal()).await
+    });
+    // Off the runtime: closing joins threads and fsyncs.
+    let closed = app.close();
+    served?;
+    closed?;
+    tracing::info!("stopped cleanly");
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,31 +1,68 @@
-//! A token bucket per client address for failed authentications.
+//! One token bucket, and the two budgets built on it: each memory key's request rate, and each
+//! client address's failed authentications.
 //!
-//! Past a burst of failures, an address's further failures are answered 429 with the time to
-//! wait instead of 401, until its bucket refills: a misconfigured or hostile client is told to
-//! back off, and the operator sees it in the metrics. A valid key is never refused by this:
-//! the sidecar's clients share an address (the gateway, on loopback), so a lock-out would let
-//! any local process shut every user out, while guessing a 190-bit secret is hopeless at any
-//! rate. IPv6 addresses count by their /64, the block one host usually holds.
+//! The failure budget: past a burst of failures, an address's further failures are answered
+//! 429 with the time to wait instead of 401, until its bucket refills, so a misconfigured or
+//! hostile client is told to back off and the operator sees it in the metrics. A valid key is
+//! never refused by it: the sidecar's clients share an address (the gateway, on loopback), so a
+//! lock-out would let any local process shut every user out, while guessing a 190-bit secret is
+//! hopeless at any rate. IPv6 addresses count by their /64, the block one host usually holds.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-/// Addresses tracked at once. Past it, addresses whose buckets are full again are forgotten
-/// (they carry no information), and if none are, the oldest-refilled half goes.
-const MAX_ADDRESSES: usize = 4096;
+use crate::bounds::MAX_TRACKED_ADDRESSES;
+use crate::ids::KeyId;
 
+/// A bucket of `burst` tokens refilled at `rate` a second. Time is passed in (ms), so the
+/// bucket is tested without sleeping.
 #[derive(Clone, Copy, Debug)]
-struct Bucket {
+pub struct TokenBucket {
     tokens: f64,
     refilled_ms: i64,
 }
 
+impl TokenBucket {
+    /// A full bucket.
+    pub fn full(burst: f64, now_ms: i64) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            refilled_ms: now_ms,
+        }
+    }
+
+    /// Takes one token: `Err(seconds until one is there)` when there is none.
+    pub fn take(&mut self, rate: f64, burst: f64, now_ms: i64) -> Result<(), u64> {
+        self.refill(rate, burst, now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(((1.0 - self.tokens) / rate).ceil().max(1.0) as u64)
+    }
+
+    /// Whether the bucket would be full at `now_ms` (it then carries no information).
+    fn is_full_at(&self, rate: f64, burst: f64, now_ms: i64) -> bool {
+        self.tokens + elapsed_s(self.refilled_ms, now_ms) * rate >= burst
+    }
+
+    fn refill(&mut self, rate: f64, burst: f64, now_ms: i64) {
+        self.tokens = (self.tokens + elapsed_s(self.refilled_ms, now_ms) * rate).min(burst);
+        self.refilled_ms = now_ms.max(self.refilled_ms);
+    }
+}
+
+fn elapsed_s(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms - from_ms).max(0) as f64 / 1000.0
+}
+
+/// Failed authentications per client address.
 pub struct FailureThrottle {
     /// Failures refilled per second; 0 turns the throttle off.
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
 }
 
 impl FailureThrottle {
@@ -45,35 +82,20 @@ impl FailureThrottle {
         }
         let address = block_of(address);
         let mut buckets = self.buckets.lock().expect("throttle lock");
-        if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&address) {
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&address) {
             self.forget_some(&mut buckets, now_ms);
         }
-        let burst = self.burst;
-        let bucket = buckets.entry(address).or_insert(Bucket {
-            tokens: burst,
-            refilled_ms: now_ms,
-        });
-        self.refill(bucket, now_ms);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        Err(((1.0 - bucket.tokens) / self.rate).ceil().max(1.0) as u64)
+        buckets
+            .entry(address)
+            .or_insert(TokenBucket::full(self.burst, now_ms))
+            .take(self.rate, self.burst, now_ms)
     }
 
-    fn refill(&self, bucket: &mut Bucket, now_ms: i64) {
-        let elapsed_s = (now_ms - bucket.refilled_ms).max(0) as f64 / 1000.0;
-        bucket.tokens = (bucket.tokens + elapsed_s * self.rate).min(self.burst);
-        bucket.refilled_ms = now_ms.max(bucket.refilled_ms);
-    }
-
-    fn forget_some(&self, buckets: &mut HashMap<IpAddr, Bucket>, now_ms: i64) {
-        let (rate, burst) = (self.rate, self.burst);
-        buckets.retain(|_, bucket| {
-            let elapsed_s = (now_ms - bucket.refilled_ms).max(0) as f64 / 1000.0;
-            bucket.tokens + elapsed_s * rate < burst
-        });
-        if buckets.len() >= MAX_ADDRESSES {
+    /// Forgets addresses whose buckets are full again, and if none are, the oldest-refilled
+    /// half.
+    fn forget_some(&self, buckets: &mut HashMap<IpAddr, TokenBucket>, now_ms: i64) {
+        buckets.retain(|_, bucket| !bucket.is_full_at(self.rate, self.burst, now_ms));
+        if buckets.len() >= MAX_TRACKED_ADDRESSES {
             let mut ages: Vec<i64> = buckets.values().map(|b| b.refilled_ms).collect();
             ages.sort_unstable();
             let cutoff = ages[ages.len() / 2];
@@ -84,6 +106,44 @@ impl FailureThrottle {
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.buckets.lock().unwrap().len()
+    }
+}
+
+/// Each memory key's request budget, and when its last use was last written down.
+pub struct KeyThrottle {
+    /// Requests refilled per second; 0 turns the limit off.
+    rate: f64,
+    burst: f64,
+    /// How often a key's last use is worth writing to the store, at most.
+    touch_every_ms: i64,
+    keys: Mutex<HashMap<KeyId, (TokenBucket, i64)>>,
+}
+
+impl KeyThrottle {
+    pub fn new(rate: f64, burst: u32, touch_every_ms: i64) -> KeyThrottle {
+        KeyThrottle {
+            rate,
+            burst: f64::from(burst),
+            touch_every_ms,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one request from the key's budget: `Err(retry_after_s)` when it is spent;
+    /// `Ok(true)` when its last use is due to be written down.
+    pub fn spend(&self, key: &KeyId, now_ms: i64) -> Result<bool, u64> {
+        let mut keys = self.keys.lock().expect("key throttle lock");
+        let (bucket, touched_ms) = keys
+            .entry(key.clone())
+            .or_insert((TokenBucket::full(self.burst, now_ms), i64::MIN));
+        if self.rate > 0.0 {
+            bucket.take(self.rate, self.burst, now_ms)?;
+        }
+        let due = now_ms.saturating_sub(*touched_ms) >= self.touch_every_ms;
+        if due {
+            *touched_ms = now_ms;
+        }
+        Ok(due)
     }
 }
 
@@ -149,21 +209,47 @@ mod tests {
             assert_eq!(throttle.record_failure(ip(1), 0), Ok(()));
         }
         assert_eq!(throttle.tracked(), 0);
+        let keys = KeyThrottle::new(0.0, 1, 60_000);
+        let key = KeyId::generate();
+        for _ in 0..100 {
+            assert!(keys.spend(&key, 0).is_ok());
+        }
     }
 
     #[test]
     fn the_table_of_addresses_is_bounded() {
         let throttle = FailureThrottle::new(1.0, 10);
-        for n in 0..(MAX_ADDRESSES as u32 * 3) {
+        let many = MAX_TRACKED_ADDRESSES as u32 * 3;
+        for n in 0..many {
             let _ = throttle.record_failure(IpAddr::from(n.to_be_bytes()), i64::from(n));
         }
-        assert!(throttle.tracked() <= MAX_ADDRESSES);
+        assert!(throttle.tracked() <= MAX_TRACKED_ADDRESSES);
         // The newest offender is still held to its budget: nine more failures empty it.
-        let now = i64::from(MAX_ADDRESSES as u32 * 3);
-        let last = IpAddr::from((MAX_ADDRESSES as u32 * 3 - 1).to_be_bytes());
+        let now = i64::from(many);
+        let last = IpAddr::from((many - 1).to_be_bytes());
         for _ in 0..9 {
             assert_eq!(throttle.record_failure(last, now), Ok(()));
         }
         assert!(throttle.record_failure(last, now).is_err());
+    }
+
+    #[test]
+    fn a_key_spends_its_burst_then_its_rate_and_is_touched_once_a_period() {
+        let keys = KeyThrottle::new(1.0, 2, 60_000);
+        let key = KeyId::generate();
+        assert_eq!(keys.spend(&key, 0), Ok(true), "first use is written down");
+        assert_eq!(keys.spend(&key, 0), Ok(false));
+        assert_eq!(keys.spend(&key, 0), Err(1));
+        assert_eq!(keys.spend(&key, 1000), Ok(false), "refilled after a second");
+        assert_eq!(
+            keys.spend(&KeyId::generate(), 0),
+            Ok(true),
+            "keys are apart"
+        );
+        assert_eq!(
+            keys.spend(&key, 61_000),
+            Ok(true),
+            "due again after a minute"
+        );
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{Client, Daemon, InProcess, Response, ADMIN_KEY};
+use common::{Client, Daemon, InProcess, Response, ADMIN_KEY, MASTER_KEY};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -1016,11 +1016,18 @@ fn an_erasure_cut_short_is_finished_at_the_next_start() {
     };
     // As if the daemon died right after making the erasure mark durable.
     {
-        use memory_sidecar::store::Store;
+        use memory_sidecar::store::{Durability, SledOptions, SledStore, Vaults};
+        let options = SledOptions {
+            data_dir: dir.path().to_owned(),
+            cache_bytes: 1 << 20,
+            accept_lost_commits: false,
+        };
+        let master = memory_sidecar::crypto::MasterKey::from_hex(MASTER_KEY).unwrap();
+        let metrics = memory_sidecar::metrics::Metrics::new().unwrap();
         // sled lets go of its file lock when its background flusher notices the close.
         let started = std::time::Instant::now();
         let store = loop {
-            match Store::open(&dir.path().join("store"), 1 << 20) {
+            match SledStore::open(&options, &master, metrics.clone()) {
                 Ok(store) => break store,
                 Err(error) if started.elapsed() < std::time::Duration::from_secs(30) => {
                     let _ = error;
@@ -1033,7 +1040,7 @@ fn an_erasure_cut_short_is_finished_at_the_next_start() {
         let mut record = store.vault(vault).unwrap().unwrap();
         record.erasing = true;
         store.set_vault(vault, &record).unwrap();
-        store.sync().unwrap();
+        store.close().unwrap();
     }
     let daemon = InProcess::start(dir.path(), &[]);
     assert!(

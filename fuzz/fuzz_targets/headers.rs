@@ -5,7 +5,7 @@
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use memory_sidecar::auth::MAX_CREDENTIAL_LEN;
+use memory_sidecar::bounds::MAX_CREDENTIAL_LEN;
 use memory_sidecar::http::{credential, session_id};
 
 const NAMES: [&str; 4] = ["x-memory-key", "authorization", "x-api-key", "x-session-id"];

@@ -16,11 +16,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{App, READY, STARTING};
 use crate::crypto::VaultCipher;
 use crate::embed::{EmbedError, Priority, Ticket};
-use crate::store::{check_vector, EntryMeta, MemoryId, VaultId};
-
-use super::{App, READY, STARTING};
+use crate::ids::{MemoryId, VaultId};
+use crate::index::terms;
+use crate::store::{EntryMeta, MemoryRecord};
+use crate::vector::UnitVector;
 
 /// Pending memories read, sorted and queued at a time.
 const WINDOW: usize = 64;
@@ -55,7 +57,7 @@ impl App {
             if self.is_stopping() {
                 return;
             }
-            if !self.committer.is_healthy() {
+            if !self.store.is_healthy() {
                 // Writes are refused until a restart, and a write to a store in this state can
                 // leave reads failing too: what is pending stays pending for the restart.
                 in_flight.clear();
@@ -105,7 +107,7 @@ impl App {
                 Ok(None) => return,
                 Err(error) => {
                     // Its memories stay pending and are taken again on the next pass.
-                    self.committer.note_write_error(&error);
+                    self.store.note_write_error(&error);
                     tracing::error!(error = %format!("{error:#}"), "storing a batch of vectors failed; retrying");
                     std::thread::sleep(RETRY_AFTER);
                     continue;
@@ -150,7 +152,7 @@ impl App {
             let vault = group[0].0;
             let lock = self.locks.of(vault);
             let _shared = lock.blocking_read();
-            let Some(cipher) = self.keyring.cipher(vault) else {
+            let Some(cipher) = self.store.cipher(vault) else {
                 for (_, id) in group {
                     let was_pending = if self.store.vault(vault)?.is_some() {
                         tracing::error!(%vault, memory = %id, "memory of a vault without a data key; set aside");
@@ -170,9 +172,7 @@ impl App {
                         continue;
                     }
                     // The store failing is not the memory's fault: try again later.
-                    Err(error) if error.downcast_ref::<sled::Error>().is_some() => {
-                        return Err(error)
-                    }
+                    Err(error) if self.store.is_io_failure(&error) => return Err(error),
                     Err(error) => {
                         tracing::error!(%vault, memory = %id, error = %format!("{error:#}"), "memory cannot be read; set aside");
                         handled += usize::from(self.store.set_unembeddable(vault, *id)?);
@@ -198,7 +198,7 @@ impl App {
                     vault,
                     id: *id,
                     cipher: cipher.clone(),
-                    meta: record.meta(),
+                    meta: entry_meta(&record),
                     tokens,
                 });
             }
@@ -250,7 +250,7 @@ impl App {
         let mut handled = 0;
         let mut embedded = Vec::with_capacity(memories.len());
         for (memory, vector) in memories.into_iter().zip(vectors) {
-            match vector.and_then(|v| check_vector(&v).map(|()| v).map_err(|e| e.to_string())) {
+            match vector.and_then(|v| UnitVector::new(v).map_err(|e| format!("{e:#}"))) {
                 Ok(vector) => embedded.push((memory, vector)),
                 Err(error) => {
                     tracing::error!(memory = %memory.id, vault = %memory.vault, %error, "memory cannot be embedded; set aside");
@@ -260,14 +260,14 @@ impl App {
         }
         // The job is in length order; its vaults' parts are written together.
         embedded.sort_by_key(|(memory, _)| (memory.vault, memory.id));
-        if !self.committer.is_healthy() {
+        if !self.store.is_healthy() {
             anyhow::bail!("the store refuses writes until a restart");
         }
         for group in embedded.chunk_by(|a, b| a.0.vault == b.0.vault) {
             let vault = group[0].0.vault;
             let lock = self.locks.of(vault);
             let _shared = lock.blocking_read();
-            let Some(current) = self.keyring.cipher(vault) else {
+            let Some(current) = self.store.cipher(vault) else {
                 continue;
             };
             let mut items = Vec::with_capacity(group.len());
@@ -283,5 +283,16 @@ impl App {
             handled += items.len();
         }
         Ok(Some(handled))
+    }
+}
+
+/// What the index keeps of a memory: the filter fields, and its lexical terms (computed once,
+/// here, and sealed beside its vector).
+fn entry_meta(record: &MemoryRecord) -> EntryMeta {
+    EntryMeta {
+        created_at_ms: record.created_at_ms,
+        session_id: record.session_id.clone(),
+        tags: record.tags.clone(),
+        terms: terms(&record.content),
     }
 }

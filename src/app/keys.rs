@@ -1,25 +1,25 @@
-//! The key lifecycle: mint, list, show, revoke, rotate; and the audit log they write to.
+//! The key lifecycle: mint, list, show, revoke, rotate.
 //!
 //! The admin key manages every key. A memory key with the `admin` scope manages the keys of its
 //! own vault only, and cannot mint a key with a scope it does not hold itself. Keys of other
-//! vaults are invisible to it (404, as if they did not exist).
+//! vaults are invisible to it (404, as if they did not exist). Every change is made under the
+//! key lock (`App::key_ops`), in a blocking task, and committed with its audit entry.
 
-use serde_json::{Map, Value};
+use std::sync::Arc;
 
-use super::App;
-use crate::auth::{self, Access, MemoryAccess, NewKey, Scope};
+use serde_json::Value;
+
+use super::audit::Audited;
+use super::{blocking, App};
+use crate::auth::{self, Access, MemoryAccess, NewKey};
+use crate::bounds::{
+    MAX_EXPIRES_DAYS, MAX_GRACE_DAYS, MAX_KEYS_PAGE, MAX_KEYS_PER_VAULT, MAX_KEY_NAME_CHARS,
+};
 use crate::error::ApiError;
-use crate::store::{AuditEntry, KeyRecord, KeyStatus, VaultId, VaultRecord};
+use crate::ids::{KeyId, Scope, VaultId};
+use crate::store::{KeyRecord, KeyStatus};
 
 const DAY_MS: i64 = 86_400_000;
-/// Longest key name accepted.
-const MAX_KEY_NAME_CHARS: usize = 200;
-pub const MAX_EXPIRES_DAYS: u32 = 365;
-pub const MAX_GRACE_DAYS: u32 = 30;
-/// Most active keys a memory key may give its vault (the admin key is not limited).
-pub const MAX_KEYS_PER_VAULT: usize = 100;
-/// Most keys one listing page returns.
-pub const MAX_KEYS_PAGE: usize = 1000;
 
 pub struct MintRequest {
     pub name: String,
@@ -46,67 +46,14 @@ pub struct MintedKey {
 pub struct KeyQuery {
     pub include_revoked: bool,
     pub vault: Option<VaultId>,
-    pub cursor: Option<String>,
+    pub cursor: Option<KeyId>,
     pub limit: usize,
 }
 
-/// What an operation touched, for the audit log.
-#[derive(Default)]
-pub(super) struct Audited {
-    pub key_id: Option<String>,
-    pub vault: Option<VaultId>,
-    pub detail: Map<String, Value>,
-}
-
 impl App {
-    /// Appends an audit entry for an operation and counts it. A successful operation is then
-    /// committed, its entry with it, so that the answer and the entry are durable together (the
-    /// operation's own writes are not committed before). A refused one is not committed here:
-    /// its entry becomes durable with the next commit, so refusals cannot force fsyncs.
-    pub(super) async fn audit<T>(
-        &self,
-        access: &Access,
-        action: &'static str,
-        audited: Audited,
-        result: Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(error) => error.code(),
-        };
-        let entry = AuditEntry {
-            at_ms: self.now_ms(),
-            actor: access.actor(),
-            action: action.to_owned(),
-            key_id: audited.key_id,
-            vault: audited.vault.map(|v| v.to_string()),
-            outcome: outcome.to_owned(),
-            detail: audited.detail,
-        };
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .operations
-            .with_label_values(&[action, label])
-            .inc();
-        // A write refused for want of disk space leaves no row either: the reserve is not for
-        // a log of refusals.
-        let refused_for_space = matches!(result, Err(ApiError::DiskFull { .. }));
-        if refused_for_space {
-            tracing::warn!(action, "refused: the data filesystem is under its reserve");
-        } else if let Err(error) = self
-            .store
-            .append_audit(&entry, self.config.limits.max_audit_entries)
-        {
-            tracing::error!(error = %format!("{error:#}"), action, "appending to the audit log failed");
-        }
-        let value = result?;
-        self.commit("committing an operation").await?;
-        Ok(value)
-    }
-
     /// Mints a memory key: with a new, empty vault, or (`vault`) a further key for one.
     pub async fn mint_key(
-        &self,
+        self: &Arc<Self>,
         access: &Access,
         request: MintRequest,
     ) -> Result<MintedKey, ApiError> {
@@ -116,8 +63,8 @@ impl App {
         };
         let result = self.mint_key_inner(access, request).await;
         if let Ok(minted) = &result {
-            audited.key_id = Some(minted.info.record.id.clone());
-            audited.vault = minted.info.record.vault_id().ok();
+            audited.key_id = Some(minted.info.record.id.to_string());
+            audited.vault = Some(minted.info.record.vault);
             audited.detail.insert(
                 "scopes".into(),
                 serde_json::to_value(&minted.info.record.scopes).unwrap_or_default(),
@@ -127,7 +74,7 @@ impl App {
     }
 
     async fn mint_key_inner(
-        &self,
+        self: &Arc<Self>,
         access: &Access,
         request: MintRequest,
     ) -> Result<MintedKey, ApiError> {
@@ -149,25 +96,6 @@ impl App {
             }
         }
         let vault = managed_vault(access, request.vault)?;
-        // Rotation and revocation may use the disk reserve (a leaked key must always be
-        // replaceable); a new key, and with it perhaps a new vault, may not.
-        self.check_disk_room()?;
-        if let Access::Memory(own) = access {
-            if let Some(missing) = scopes.iter().find(|s| !own.has_scope(**s)) {
-                return Err(ApiError::ScopeRequired {
-                    scope: *missing,
-                    reason: "a key cannot mint a key with a scope it does not hold",
-                });
-            }
-            let active = self.store.keys_page(None, usize::MAX, |r| {
-                r.vault == own.vault.to_string() && r.status(self.now_ms()) == KeyStatus::Active
-            })?;
-            if active.0.len() >= MAX_KEYS_PER_VAULT {
-                return Err(ApiError::TooManyKeys {
-                    max: MAX_KEYS_PER_VAULT,
-                });
-            }
-        }
         let now = self.now_ms();
         let mut expires_days = request.expires_days;
         let mut expires_at_ms = expires_days.map(|days| now + i64::from(days) * DAY_MS);
@@ -182,43 +110,54 @@ impl App {
                 expires_days = None;
             }
         }
-        // Writing the keyring fsyncs: off the async workers.
-        let record = tokio::task::block_in_place(|| -> Result<_, ApiError> {
-            let _serial = self.key_ops.lock().expect("key operations lock");
+        let name = name.to_owned();
+        let (app, access) = (self.clone(), access.clone());
+        let record = blocking(move || {
+            // Rotation and revocation may use the disk reserve (a leaked key must always be
+            // replaceable); a new key, and with it perhaps a new vault, may not.
+            app.check_disk_room()?;
+            if let Access::Memory(own) = &access {
+                if let Some(missing) = scopes.iter().find(|s| !own.has_scope(**s)) {
+                    return Err(ApiError::ScopeRequired {
+                        scope: *missing,
+                        reason: "a key cannot mint a key with a scope it does not hold",
+                    });
+                }
+            }
+            let _serial = app.key_ops.lock().expect("key operations lock");
+            if let Access::Memory(own) = &access {
+                // Counted under the key lock, from the vault's own keys: two mints at once
+                // cannot both pass the limit.
+                let (active, _) =
+                    app.store
+                        .vault_keys_page(own.vault, None, MAX_KEYS_PER_VAULT, &mut |r| {
+                            r.status(now) == KeyStatus::Active
+                        })?;
+                if active.len() >= MAX_KEYS_PER_VAULT {
+                    return Err(ApiError::TooManyKeys {
+                        max: MAX_KEYS_PER_VAULT,
+                    });
+                }
+            }
             let vault = match vault {
                 Some(vault) => {
-                    match self.store.vault(vault)? {
-                        Some(record) if !record.removing => {}
-                        _ => return Err(ApiError::VaultNotFound(vault.to_string())),
-                    }
+                    app.check_vault_takes_keys(vault)?;
                     vault
                 }
                 None => {
-                    let vault = VaultId::generate();
-                    // The data key first: a crash before the vault record leaves only an
-                    // orphan key, dropped at the next start.
-                    self.keyring
-                        .replace(vault)
-                        .map_err(self.storage_error("writing a vault data key"))?;
-                    self.store
-                        .create_vault(
-                            vault,
-                            &VaultRecord {
-                                created_at_ms: now,
-                                erasing: false,
-                                removing: false,
-                            },
-                        )
-                        .map_err(self.storage_error("creating a vault"))?;
-                    self.metrics.vaults.inc();
+                    let vault = app
+                        .store
+                        .create_vault(now)
+                        .map_err(app.storage_error("creating a vault"))?;
+                    app.metrics.vaults.inc();
                     vault
                 }
             };
             let template = KeyRecord {
-                id: String::new(),
-                name: name.to_owned(),
+                id: KeyId::generate(),
+                name,
                 hash: String::new(),
-                vault: vault.to_string(),
+                vault,
                 scopes,
                 created_at_ms: now,
                 expires_days,
@@ -229,17 +168,27 @@ impl App {
                 rotated_to: None,
                 rotated_from: None,
             };
-            self.insert_new_key(template)
-        })?;
-        tracing::info!(key_id = %record.1.id, vault = %record.1.vault, "minted a memory key");
+            let (key, record) = app.insert_new_key(template)?;
+            Ok((key, app.info(record, now)))
+        })
+        .await?;
+        tracing::info!(key_id = %record.1.record.id, vault = %record.1.record.vault, "minted a memory key");
         Ok(MintedKey {
             key: record.0.full,
-            info: self.info(record.1, now),
+            info: record.1,
         })
     }
 
+    /// Refuses a key for a vault that does not exist or is being removed. Under the key lock.
+    fn check_vault_takes_keys(&self, vault: VaultId) -> Result<(), ApiError> {
+        match self.store.vault(vault)? {
+            Some(record) if !record.removing => Ok(()),
+            _ => Err(ApiError::VaultNotFound(vault.to_string())),
+        }
+    }
+
     /// Stores `template` under a fresh key id (another one on the unlikely clash of two
-    /// 64-bit ids), with the new key's hash.
+    /// 64-bit ids), with the new key's hash. Blocking, under the key lock.
     fn insert_new_key(&self, mut template: KeyRecord) -> Result<(NewKey, KeyRecord), ApiError> {
         for _ in 0..4 {
             let key = NewKey::generate();
@@ -258,6 +207,7 @@ impl App {
         )))
     }
 
+    /// A key as listings show it. Blocking (its last use is read from the store).
     fn info(&self, record: KeyRecord, now: i64) -> KeyInfo {
         let last_used_at_ms = self.store.key_last_used(&record.id).ok().flatten();
         KeyInfo {
@@ -267,50 +217,64 @@ impl App {
         }
     }
 
-    /// The key record with this id, if `access` may see it.
+    /// The key record with this id, if `access` may see it. Blocking.
     fn visible_key(&self, access: &Access, id: &str) -> Result<KeyRecord, ApiError> {
         let not_found = || ApiError::KeyNotFound(audited_key_id(id));
-        if !is_key_id(id) {
-            return Err(not_found());
-        }
-        let record = self.store.key(id)?.ok_or_else(not_found)?;
+        let id: KeyId = id.parse().map_err(|_| not_found())?;
+        let record = self.store.key(&id)?.ok_or_else(not_found)?;
         match access {
             Access::Admin => Ok(record),
-            Access::Memory(own) if record.vault == own.vault.to_string() => Ok(record),
+            Access::Memory(own) if record.vault == own.vault => Ok(record),
             Access::Memory(_) => Err(not_found()),
         }
     }
 
-    pub fn key_info(&self, access: &Access, id: &str) -> Result<KeyInfo, ApiError> {
-        let record = self.visible_key(access, id)?;
-        Ok(self.info(record, self.now_ms()))
+    pub async fn key_info(
+        self: &Arc<Self>,
+        access: &Access,
+        id: &str,
+    ) -> Result<KeyInfo, ApiError> {
+        let (app, access, id) = (self.clone(), access.clone(), id.to_owned());
+        blocking(move || {
+            let record = app.visible_key(&access, &id)?;
+            Ok(app.info(record, app.now_ms()))
+        })
+        .await
     }
 
     /// A page of keys in id order. Without `include_revoked`, only keys usable now.
-    pub fn list_keys(
-        &self,
+    pub async fn list_keys(
+        self: &Arc<Self>,
         access: &Access,
         query: KeyQuery,
-    ) -> Result<(Vec<KeyInfo>, Option<String>), ApiError> {
+    ) -> Result<(Vec<KeyInfo>, Option<KeyId>), ApiError> {
         if query.limit == 0 || query.limit > MAX_KEYS_PAGE {
             return Err(ApiError::invalid(format!(
                 "`limit` must be 1 to {MAX_KEYS_PAGE}"
             )));
         }
-        let vault = managed_vault(access, query.vault)?.map(|v| v.to_string());
-        let now = self.now_ms();
-        let (records, next) =
-            self.store
-                .keys_page(query.cursor.as_deref(), query.limit, |record| {
-                    vault.as_ref().is_none_or(|v| *v == record.vault)
-                        && (query.include_revoked || record.status(now) == KeyStatus::Active)
-                })?;
-        let infos = records.into_iter().map(|r| self.info(r, now)).collect();
-        Ok((infos, next))
+        let vault = managed_vault(access, query.vault)?;
+        let app = self.clone();
+        blocking(move || {
+            let now = app.now_ms();
+            let mut keep = |record: &KeyRecord| {
+                query.include_revoked || record.status(now) == KeyStatus::Active
+            };
+            let cursor = query.cursor.as_ref();
+            let (records, next) = match vault {
+                Some(vault) => app
+                    .store
+                    .vault_keys_page(vault, cursor, query.limit, &mut keep)?,
+                None => app.store.keys_page(cursor, query.limit, &mut keep)?,
+            };
+            let infos = records.into_iter().map(|r| app.info(r, now)).collect();
+            Ok((infos, next))
+        })
+        .await
     }
 
     /// Revokes a key now, durably. Revoking a revoked key changes nothing.
-    pub async fn revoke_key(&self, access: &Access, id: &str) -> Result<(), ApiError> {
+    pub async fn revoke_key(self: &Arc<Self>, access: &Access, id: &str) -> Result<(), ApiError> {
         let audited = Audited {
             key_id: Some(audited_key_id(id)),
             ..Audited::default()
@@ -319,25 +283,29 @@ impl App {
         self.audit(access, "revoke", audited, result).await
     }
 
-    async fn revoke_key_inner(&self, access: &Access, id: &str) -> Result<(), ApiError> {
-        {
-            let _serial = self.key_ops.lock().expect("key operations lock");
-            check_manageable(access, &self.visible_key(access, id)?)?;
-            let now = self.now_ms();
-            self.store
-                .update_key(id, |record| {
+    async fn revoke_key_inner(self: &Arc<Self>, access: &Access, id: &str) -> Result<(), ApiError> {
+        let (app, access, id) = (self.clone(), access.clone(), id.to_owned());
+        let revoked = blocking(move || {
+            let _serial = app.key_ops.lock().expect("key operations lock");
+            let record = app.visible_key(&access, &id)?;
+            check_manageable(&access, &record)?;
+            let now = app.now_ms();
+            app.store
+                .update_key(&record.id, &mut |record| {
                     record.revoked_at_ms.get_or_insert(now);
                 })
-                .map_err(self.storage_error("revoking a key"))?;
-        }
-        tracing::info!(key_id = %id, "revoked a memory key");
+                .map_err(app.storage_error("revoking a key"))?;
+            Ok(record.id)
+        })
+        .await?;
+        tracing::info!(key_id = %revoked, "revoked a memory key");
         Ok(())
     }
 
     /// Replaces a key with a new one for the same vault. The old key keeps working for
     /// `grace_days`, then stops by itself.
     pub async fn rotate_key(
-        &self,
+        self: &Arc<Self>,
         access: &Access,
         id: &str,
         grace_days: u32,
@@ -351,17 +319,17 @@ impl App {
             .insert("grace_days".into(), Value::from(grace_days));
         let result = self.rotate_key_inner(access, id, grace_days).await;
         if let Ok(minted) = &result {
-            audited.vault = minted.info.record.vault_id().ok();
+            audited.vault = Some(minted.info.record.vault);
             audited.detail.insert(
                 "new_key_id".into(),
-                Value::from(minted.info.record.id.clone()),
+                Value::from(minted.info.record.id.to_string()),
             );
         }
         self.audit(access, "rotate", audited, result).await
     }
 
     async fn rotate_key_inner(
-        &self,
+        self: &Arc<Self>,
         access: &Access,
         id: &str,
         grace_days: u32,
@@ -372,27 +340,31 @@ impl App {
             )));
         }
         let now = self.now_ms();
-        let (key, record) = {
-            let _serial = self.key_ops.lock().expect("key operations lock");
-            let old = self.visible_key(access, id)?;
+        let (app, access, id) = (self.clone(), access.clone(), id.to_owned());
+        let (old_id, key, info) = blocking(move || {
+            let access = &access;
+            let _serial = app.key_ops.lock().expect("key operations lock");
+            let old = app.visible_key(access, &id)?;
             check_manageable(access, &old)?;
             match old.status(now) {
                 KeyStatus::Active if old.rotated_to.is_none() => {}
                 KeyStatus::Active => {
                     return Err(ApiError::KeyInactive(format!(
                         "key {id} was already rotated (to {}); rotate that key instead",
-                        old.rotated_to.as_deref().unwrap_or("?")
+                        old.rotated_to.as_ref().map_or("?", KeyId::as_str)
                     )))
                 }
                 status => {
                     return Err(ApiError::KeyInactive(format!(
                         "key {id} is {} and cannot be rotated; mint a new key for its vault",
-                        status_text(status)
+                        status.as_str()
                     )))
                 }
             }
+            // A vault being removed takes no new key, by rotation either.
+            app.check_vault_takes_keys(old.vault)?;
             let template = KeyRecord {
-                id: String::new(),
+                id: KeyId::generate(),
                 hash: String::new(),
                 created_at_ms: now,
                 // The same lifetime from now, or the same end when it was fixed by a cap.
@@ -418,36 +390,23 @@ impl App {
                 rotated_from: Some(old.id.clone()),
                 ..old
             };
-            let (key, record) = self.insert_new_key(template)?;
-            self.store
-                .update_key(id, |old| {
+            let old_id = old.id.clone();
+            let (key, record) = app.insert_new_key(template)?;
+            app.store
+                .update_key(&old_id, &mut |old| {
                     old.deprecated_at_ms = Some(now);
                     old.auto_revoke_at_ms = Some(now + i64::from(grace_days) * DAY_MS);
                     old.rotated_to = Some(record.id.clone());
                 })
-                .map_err(self.storage_error("deprecating a rotated key"))?;
-            (key, record)
-        };
-        tracing::info!(old_key_id = %id, key_id = %record.id, grace_days, "rotated a memory key");
+                .map_err(app.storage_error("deprecating a rotated key"))?;
+            Ok((old_id, key, app.info(record, now)))
+        })
+        .await?;
+        tracing::info!(old_key_id = %old_id, key_id = %info.record.id, grace_days, "rotated a memory key");
         Ok(MintedKey {
             key: key.full,
-            info: self.info(record, now),
+            info,
         })
-    }
-
-    /// Audit entries, oldest first, for the admin key.
-    pub fn audit_log(
-        &self,
-        _admin: &Access,
-        cursor: Option<u64>,
-        limit: usize,
-    ) -> Result<(Vec<AuditEntry>, Option<u64>), ApiError> {
-        if limit == 0 || limit > MAX_KEYS_PAGE {
-            return Err(ApiError::invalid(format!(
-                "`limit` must be 1 to {MAX_KEYS_PAGE}"
-            )));
-        }
-        Ok(self.store.audit_page(cursor, limit)?)
     }
 }
 
@@ -462,16 +421,7 @@ fn audited_key_id(id: &str) -> String {
 }
 
 fn is_key_id(id: &str) -> bool {
-    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-pub fn status_text(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Revoked => "revoked",
-        KeyStatus::Rotated => "rotated",
-        KeyStatus::Expired => "expired",
-    }
+    KeyId::is_valid(id)
 }
 
 /// The vault a key-management call is about: the one asked for (any, for the admin key), or

@@ -10,15 +10,15 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::app::ingest::{IngestRequest, Message};
 use crate::app::keys::{self, KeyInfo, MintRequest, MintedKey};
-use crate::app::vault::{Found, SearchRequest, SearchResult, UploadLine, UploadResult, VaultStats};
-use crate::app::{IngestRequest, Message, PrepareRequest, PrepareResult, Recalled, Role};
-use crate::auth::Scope;
+use crate::app::prepare::{PrepareRequest, PrepareResult};
+use crate::app::search::{Found, Recalled, SearchRequest, SearchResult, VaultStats};
+use crate::app::upload::{UploadLine, UploadResult};
+use crate::bounds::{MAX_LABEL_CHARS, MAX_TIMESTAMP_MS};
 use crate::error::ApiError;
-use crate::store::{AuditEntry, MemoryId, VaultId};
-
-/// Earliest and latest timestamps accepted (1970 to 9999), in ms since the epoch.
-const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+use crate::ids::{KeyId, MemoryId, Role, Scope, VaultId};
+use crate::store::{AuditEntry, KeyStatus, MemoryRecord};
 
 pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|error| match error.classify() {
@@ -349,10 +349,9 @@ impl WirePrepare {
 impl WireIngest {
     pub fn into_request(self, max_messages: usize) -> Result<IngestRequest, ApiError> {
         if let Some(model) = &self.model {
-            if model.chars().count() > crate::app::MAX_LABEL_CHARS {
+            if model.chars().count() > MAX_LABEL_CHARS {
                 return Err(ApiError::invalid(format!(
-                    "`model` must be at most {} characters",
-                    crate::app::MAX_LABEL_CHARS
+                    "`model` must be at most {MAX_LABEL_CHARS} characters"
                 )));
             }
         }
@@ -386,11 +385,7 @@ pub struct WireMemory<'a> {
 }
 
 impl<'a> WireMemory<'a> {
-    fn new(
-        id: MemoryId,
-        record: &'a crate::store::MemoryRecord,
-        score: Option<(f32, f32)>,
-    ) -> Self {
+    fn new(id: MemoryId, record: &'a MemoryRecord, score: Option<(f32, f32)>) -> Self {
         let round = |x: f32| (x * 10_000.0).round() / 10_000.0;
         WireMemory {
             id: id.to_string(),
@@ -481,20 +476,20 @@ impl From<KeyInfo> for WireKeyInfo {
         let record = info.record;
         WireKeyInfo {
             key_prefix: keys::key_prefix(&record),
-            id: record.id,
+            id: record.id.to_string(),
             name: record.name,
             scopes: record.scopes,
-            vault_id: record.vault,
+            vault_id: record.vault.to_string(),
             created_at: rfc3339(record.created_at_ms),
             last_used_at: optional_time(info.last_used_at_ms),
             expires_at: optional_time(record.expires_at_ms),
             revoked_at: optional_time(record.revoked_at_ms),
             deprecated_at: optional_time(record.deprecated_at_ms),
             auto_revoke_at: optional_time(record.auto_revoke_at_ms),
-            is_active: info.status == crate::store::KeyStatus::Active,
-            status: keys::status_text(info.status),
-            rotated_to: record.rotated_to,
-            rotated_from: record.rotated_from,
+            is_active: info.status == KeyStatus::Active,
+            status: info.status.as_str(),
+            rotated_to: record.rotated_to.map(|id| id.to_string()),
+            rotated_from: record.rotated_from.map(|id| id.to_string()),
         }
     }
 }
@@ -521,10 +516,10 @@ pub struct WireKeyList {
 }
 
 impl WireKeyList {
-    pub fn new(keys: Vec<KeyInfo>, next_cursor: Option<String>) -> Self {
+    pub fn new(keys: Vec<KeyInfo>, next_cursor: Option<KeyId>) -> Self {
         WireKeyList {
             keys: keys.into_iter().map(WireKeyInfo::from).collect(),
-            next_cursor,
+            next_cursor: next_cursor.map(|id| id.to_string()),
         }
     }
 }

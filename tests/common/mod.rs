@@ -501,9 +501,10 @@ impl InProcess {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = app.clone();
+        let http = config.http.clone();
         let server = std::thread::spawn(move || {
             runtime
-                .block_on(memory_sidecar::http::serve(served, listener, async {
+                .block_on(memory_sidecar::http::serve(served, listener, http, async {
                     let _ = stopped.await;
                 }))
                 .unwrap();

@@ -6,20 +6,21 @@
 //! with it.
 //!
 //! Each memory is scored as a small window: its own terms plus those of the memories just before
-//! and after it in the same session. A turn like "Yes, last Tuesday!" then matches the question
-//! it answers. On LoCoMo this window alone lifts BM25 recall@10 from 0.58 to 0.71 (README.md).
+//! and after it in the same session ([`SessionLinks`]). A turn like "Yes, last Tuesday!" then
+//! matches the question it answers (docs/retrieval.md, "the session window").
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use rust_stemmers::{Algorithm, Stemmer};
 
+use super::session::SessionLinks;
+use crate::bounds::MAX_TERM_CHARS;
+
 /// BM25's term-frequency saturation and length normalisation (the usual defaults; other values
-/// measured no better, README.md).
+/// measured no better, docs/retrieval.md).
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
-/// Longest word kept as a term; longer runs are ids or noise.
-const MAX_TERM_CHARS: usize = 40;
 
 const STOP_WORDS: &[&str] = &[
     "a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "by", "for", "with",
@@ -67,9 +68,9 @@ pub fn terms(text: &str) -> Vec<(String, u32)> {
 /// A BM25 index over the windows of one vault's memories, addressed by position.
 ///
 /// A position's window is its own terms plus those of its previous and next position in the
-/// chain its caller gives (the memory's session). Removing a position takes its terms out of its
-/// neighbours' windows and joins the neighbours to each other, so the index stays what a fresh
-/// load of the remaining memories would build.
+/// session chain its caller keeps. Removing a position takes its terms out of its neighbours'
+/// windows and joins the neighbours' windows, so the index stays what a fresh load of the
+/// remaining memories would build.
 #[derive(Default)]
 pub struct LexicalIndex {
     /// Term -> dense term id.
@@ -78,8 +79,6 @@ pub struct LexicalIndex {
     postings: Vec<Vec<(u32, u32)>>,
     /// Each position's own terms (ids and counts), to extend its neighbours' windows.
     own: Vec<Vec<(u32, u32)>>,
-    /// Each position's previous and next position in its chain.
-    links: Vec<(Option<u32>, Option<u32>)>,
     /// Each position's window length in terms.
     window_len: Vec<u32>,
     total_len: u64,
@@ -96,11 +95,11 @@ impl LexicalIndex {
         self.own.is_empty()
     }
 
-    /// Adds the next position with its own terms. `previous` is the position of the memory
-    /// before it in the same session, if any (it must have no next yet): each joins the other's
-    /// window.
-    pub fn push(&mut self, terms: &[(String, u32)], previous: Option<usize>) {
+    /// Adds the next position with its own terms. `links` has linked it already: its previous
+    /// in the session, if any, joins its window and it joins the previous's.
+    pub fn push(&mut self, terms: &[(String, u32)], links: &SessionLinks) {
         let position = self.own.len() as u32;
+        let previous = links.previous(position as usize).map(|p| p as usize);
         let own: Vec<(u32, u32)> = terms
             .iter()
             .map(|(term, count)| (self.term_id(term), *count))
@@ -122,14 +121,12 @@ impl LexicalIndex {
             length += count;
         }
         self.own.push(own.clone());
-        self.links.push((previous.map(|p| p as u32), None));
         self.window_len.push(length);
         self.total_len += u64::from(length);
         if let Some(previous) = previous {
-            self.links[previous].1 = Some(position);
             // Terms new to the previous window are appended without searching their postings
             // (a common term's list is long): its window is its own terms and its previous'.
-            let before = self.links[previous].0;
+            let before = links.previous(previous);
             for &(term, count) in &own {
                 let known = self.own[previous]
                     .iter()
@@ -147,11 +144,12 @@ impl LexicalIndex {
     }
 
     /// Takes a position out: its window is emptied, its terms leave its neighbours' windows,
-    /// and its neighbours become each other's.
-    pub fn remove(&mut self, position: usize) {
-        let Some(&(previous, next)) = self.links.get(position) else {
+    /// and its neighbours join each other's windows. Call before `links` unlinks it.
+    pub fn remove(&mut self, position: usize, links: &SessionLinks) {
+        if position >= self.own.len() {
             return;
-        };
+        }
+        let (previous, next) = links.neighbours(position);
         let position = position as u32;
         // Its own window: its terms and its neighbours'.
         let mut window = self.own[position as usize].clone();
@@ -175,13 +173,6 @@ impl LexicalIndex {
                 self.adjust(next, term, count as i64);
             }
         }
-        if let Some(previous) = previous {
-            self.links[previous as usize].1 = next;
-        }
-        if let Some(next) = next {
-            self.links[next as usize].0 = previous;
-        }
-        self.links[position as usize] = (None, None);
         self.removed += 1;
     }
 
@@ -246,6 +237,29 @@ impl LexicalIndex {
 mod tests {
     use super::*;
 
+    /// A lexical index with the session chain its vault index would keep beside it.
+    #[derive(Default)]
+    struct Chained {
+        links: SessionLinks,
+        index: LexicalIndex,
+    }
+
+    impl Chained {
+        fn push(&mut self, session: &str, text: &str) {
+            self.links.push(Some(session.into()), |_| true);
+            self.index.push(&terms(text), &self.links);
+        }
+
+        fn remove(&mut self, session: &str, position: usize) {
+            self.index.remove(position, &self.links);
+            self.links.unlink(position, &Some(session.into()));
+        }
+
+        fn scores(&self, query: &str) -> Vec<f32> {
+            self.index.scores(&terms(query))
+        }
+    }
+
     #[test]
     fn terms_are_lowercased_stemmed_and_without_stop_words() {
         let got = terms("The hikers were HIKING; I hiked! Café-2023 and the café.");
@@ -261,33 +275,33 @@ mod tests {
 
     #[test]
     fn rarer_and_more_frequent_terms_score_higher() {
-        let mut index = LexicalIndex::default();
-        for text in [
-            "I adopted a greyhound",
-            "The weather was nice",
-            "We went to the beach, nice weather",
-            "greyhound greyhound races",
+        let mut index = Chained::default();
+        for (session, text) in [
+            ("a", "I adopted a greyhound"),
+            ("b", "The weather was nice"),
+            ("c", "We went to the beach, nice weather"),
+            ("d", "greyhound greyhound races"),
         ] {
-            index.push(&terms(text), None);
+            index.push(session, text);
         }
-        let scores = index.scores(&terms("greyhound"));
+        let scores = index.scores("greyhound");
         assert!(scores[3] > scores[0] && scores[0] > 0.0, "{scores:?}");
         assert_eq!((scores[1], scores[2]), (0.0, 0.0));
-        let weather = index.scores(&terms("nice weather"));
+        let weather = index.scores("nice weather");
         assert!(weather[1] > 0.0 && weather[2] > 0.0 && weather[0] == 0.0);
     }
 
     #[test]
     fn a_short_turn_matches_through_its_neighbours() {
-        let mut index = LexicalIndex::default();
-        index.push(&terms("Did you go to the pottery workshop?"), None);
-        index.push(&terms("Yes, last Tuesday!"), Some(0));
-        index.push(&terms("Unrelated remark about trains"), None);
-        let scores = index.scores(&terms("When was the pottery workshop?"));
+        let mut index = Chained::default();
+        index.push("s", "Did you go to the pottery workshop?");
+        index.push("s", "Yes, last Tuesday!");
+        index.push("t", "Unrelated remark about trains");
+        let scores = index.scores("When was the pottery workshop?");
         assert!(scores[1] > 0.0, "the answer carries its question's words");
         assert_eq!(scores[2], 0.0);
         // And the question gains the answer's words.
-        assert!(index.scores(&terms("tuesday"))[0] > 0.0);
+        assert!(index.scores("tuesday")[0] > 0.0);
     }
 
     #[test]
@@ -297,26 +311,26 @@ mod tests {
             "zx81 is my code",
             "Yes, last Tuesday!",
         ];
-        let mut index = LexicalIndex::default();
-        for (i, text) in texts.iter().enumerate() {
-            index.push(&terms(text), i.checked_sub(1));
+        let mut index = Chained::default();
+        for text in texts {
+            index.push("s", text);
         }
-        index.remove(1);
-        let mut fresh = LexicalIndex::default();
-        fresh.push(&terms(texts[0]), None);
-        fresh.push(&[], Some(0)); // a placeholder at the removed position...
-        fresh.remove(1); // ...removed the same way, so positions line up
-        fresh.push(&terms(texts[2]), Some(0));
+        index.remove("s", 1);
+        let mut fresh = Chained::default();
+        fresh.push("s", texts[0]);
+        fresh.push("s", ""); // a placeholder at the removed position...
+        fresh.remove("s", 1); // ...removed the same way, so positions line up
+        fresh.push("s", texts[2]);
         for query in ["zx81", "pottery workshop", "tuesday"] {
-            let (got, want) = (index.scores(&terms(query)), fresh.scores(&terms(query)));
+            let (got, want) = (index.scores(query), fresh.scores(query));
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "{query}: {got:?} vs {want:?}");
             }
         }
-        assert!(index.scores(&terms("zx81")).iter().all(|s| *s == 0.0));
+        assert!(index.scores("zx81").iter().all(|s| *s == 0.0));
         assert!(
-            index.scores(&terms("tuesday"))[0] > 0.0,
+            index.scores("tuesday")[0] > 0.0,
             "the neighbours now join up"
         );
     }

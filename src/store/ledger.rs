@@ -76,7 +76,7 @@ impl Ledger {
         ledger.file.set_len(LEN as u64)?;
         ledger.sync()?;
         if !existed {
-            crate::crypto::sync_parent(path)?;
+            crate::fsio::sync_parent(path)?;
         }
         Ok(ledger)
     }

@@ -1,0 +1,245 @@
+//! Ingest: a finished exchange in, its user and assistant messages stored durably, then
+//! acknowledged. Embedding and indexing happen afterwards, in the indexer. Also the checks
+//! every message-carrying request shares (messages, tags, labels) and the vault size limit.
+
+use std::sync::Arc;
+
+use super::{blocking, App};
+use crate::auth::MemoryAccess;
+use crate::bounds::{MAX_LABEL_CHARS, MAX_TAGS, MAX_TAG_CHARS};
+use crate::error::ApiError;
+use crate::ids::{MemoryId, Role, Scope, VaultId};
+use crate::store::{MemoryRecord, NewMemory};
+
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+    /// When it was said, for back-filled history (ms since the epoch).
+    pub timestamp_ms: Option<i64>,
+    /// `false` leaves the message out of memory.
+    pub remember: bool,
+    pub tags: Vec<String>,
+}
+
+pub struct IngestRequest {
+    pub messages: Vec<Message>,
+    pub model: Option<String>,
+    /// Tags for every stored message, besides each message's own.
+    pub tags: Vec<String>,
+}
+
+pub struct IngestResult {
+    pub stored: usize,
+    pub ids: Vec<MemoryId>,
+}
+
+impl App {
+    /// Stores the exchange's user and assistant messages and returns once they are durable.
+    pub async fn ingest(
+        self: &Arc<Self>,
+        access: &MemoryAccess,
+        session: Option<&str>,
+        request: IngestRequest,
+    ) -> Result<IngestResult, ApiError> {
+        access.require_held(Scope::Write)?;
+        self.check_messages(&request.messages)?;
+        check_tags(&request.tags, "tags")?;
+        for (index, message) in request.messages.iter().enumerate() {
+            check_tags(&message.tags, &format!("messages[{index}].tags"))?;
+            if merge_tags(&request.tags, &message.tags).len() > MAX_TAGS {
+                return Err(ApiError::invalid(format!(
+                    "messages[{index}] would carry more than {MAX_TAGS} tags"
+                )));
+            }
+        }
+        let nothing = IngestResult {
+            stored: 0,
+            ids: Vec::new(),
+        };
+        if !access.mode.store {
+            return Ok(nothing);
+        }
+        let now = self.now_ms();
+        let memories: Vec<NewMemory> = request
+            .messages
+            .into_iter()
+            .filter(|m| m.role.is_remembered() && m.remember && !m.content.trim().is_empty())
+            .map(|m| NewMemory {
+                explicit_timestamp: m.timestamp_ms.is_some(),
+                record: MemoryRecord {
+                    content: m.content,
+                    role: m.role.as_str().to_owned(),
+                    session_id: session.map(str::to_owned),
+                    created_at_ms: m.timestamp_ms.unwrap_or(now),
+                    model: request.model.clone(),
+                    tags: merge_tags(&request.tags, &m.tags),
+                    digest: String::new(),
+                },
+            })
+            .collect();
+        if memories.is_empty() {
+            return Ok(nothing);
+        }
+        let lock = self.locks.of(access.vault);
+        let _shared = lock.read().await;
+        let outcome = self.store_memories(access.vault, memories).await?;
+        Ok(IngestResult {
+            stored: outcome.iter().filter(|(_, new)| *new).count(),
+            ids: outcome.into_iter().map(|(id, _)| id).collect(),
+        })
+    }
+
+    /// Writes memories into a vault (the caller holds the vault's lock shared) and makes them
+    /// durable. Returns each one's id and whether it is new.
+    pub(super) async fn store_memories(
+        self: &Arc<Self>,
+        vault: VaultId,
+        memories: Vec<NewMemory>,
+    ) -> Result<Vec<(MemoryId, bool)>, ApiError> {
+        let app = self.clone();
+        let outcome = blocking(move || app.insert_memories(vault, &memories)).await?;
+        let stored = outcome.iter().filter(|(_, new)| *new).count();
+        self.commit("committing memories").await?;
+        let counter = &self.metrics.memories_stored;
+        counter.with_label_values(&["stored"]).inc_by(stored as u64);
+        counter
+            .with_label_values(&["duplicate"])
+            .inc_by((outcome.len() - stored) as u64);
+        if stored > 0 {
+            self.doorbell.ring();
+        }
+        Ok(outcome)
+    }
+
+    /// The blocking half of [`App::store_memories`]: the checks that need the store, and the
+    /// write (not yet durable).
+    fn insert_memories(
+        &self,
+        vault: VaultId,
+        memories: &[NewMemory],
+    ) -> Result<Vec<(MemoryId, bool)>, ApiError> {
+        let cipher = self.cipher(vault)?;
+        if self.store.vault(vault)?.is_some_and(|r| r.erasing) {
+            tracing::error!(%vault, "refusing writes to a vault whose erasure did not finish");
+            return Err(ApiError::StorageUnavailable);
+        }
+        // Room for what is new only: a retried exchange is answered even by a full vault.
+        let fresh = self
+            .store
+            .count_new(vault, &cipher, memories)
+            .map_err(self.storage_error("checking for duplicates"))?;
+        if fresh > 0 {
+            // A retry of what is already stored is answered even on a full disk.
+            self.check_disk_room()?;
+        }
+        self.reserve(vault, fresh)?;
+        let outcome = match self.store.insert_memories(vault, &cipher, memories) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.release(vault, fresh);
+                return Err(self.storage_error("storing memories")(error));
+            }
+        };
+        // The rows are in the store now, whatever happens to this request: count them here, so
+        // the gauges stay true when the commit fails or the caller goes away.
+        let stored = outcome.iter().filter(|(_, new)| *new).count();
+        self.release(vault, fresh.saturating_sub(stored));
+        self.metrics.memories.add(stored as i64);
+        self.metrics.embed_pending.add(stored as i64);
+        Ok(outcome)
+    }
+
+    pub(super) fn check_messages(&self, messages: &[Message]) -> Result<(), ApiError> {
+        let limits = &self.config.limits;
+        if messages.is_empty() {
+            return Err(ApiError::invalid(
+                "`messages` must hold at least one message",
+            ));
+        }
+        if messages.len() > limits.max_messages {
+            return Err(ApiError::TooManyMessages {
+                count: messages.len(),
+                max: limits.max_messages,
+            });
+        }
+        for (index, message) in messages.iter().enumerate() {
+            let chars = message.content.chars().count();
+            if chars > limits.max_message_chars {
+                return Err(ApiError::MessageTooLong {
+                    index,
+                    chars,
+                    max: limits.max_message_chars,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves room for `n` more memories in the vault, or refuses with `vault_full`. Blocking:
+    /// a vault's first reservation counts its memories.
+    fn reserve(&self, vault: VaultId, n: usize) -> Result<(), ApiError> {
+        let max = self.config.limits.max_vault_memories;
+        let known = self.counts.lock().expect("count lock").contains_key(&vault);
+        // Counted outside the lock: a large vault's first count must not stall the others.
+        let counted = (!known).then(|| self.store.vault_memory_count(vault));
+        let mut counts = self.counts.lock().expect("count lock");
+        let count = counts.entry(vault).or_insert(counted.unwrap_or(0));
+        if *count + n > max {
+            return Err(ApiError::VaultFull { count: *count, max });
+        }
+        *count += n;
+        Ok(())
+    }
+
+    /// Gives back room reserved but not used (duplicates, failed writes) or freed by deletes.
+    pub(super) fn release(&self, vault: VaultId, n: usize) {
+        if let Some(count) = self.counts.lock().expect("count lock").get_mut(&vault) {
+            *count = count.saturating_sub(n);
+        }
+    }
+}
+
+/// Checks a list of tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_CHARS`] characters,
+/// without control characters.
+pub fn check_tags(tags: &[String], field: &str) -> Result<(), ApiError> {
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::invalid(format!(
+            "`{field}` holds {} tags; the maximum is {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for tag in tags {
+        let chars = tag.chars().count();
+        if chars == 0 || chars > MAX_TAG_CHARS || tag.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!(
+                "each tag in `{field}` must be 1 to {MAX_TAG_CHARS} characters without control \
+                 characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a session id or similar label: 1 to [`MAX_LABEL_CHARS`] characters, not blank,
+/// without control characters.
+pub fn check_label(text: &str, field: &str) -> Result<(), ApiError> {
+    let chars = text.chars().count();
+    if text.trim().is_empty() || chars > MAX_LABEL_CHARS || text.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "`{field}` must be 1 to {MAX_LABEL_CHARS} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The union of two tag lists, in first-seen order.
+pub(super) fn merge_tags(shared: &[String], own: &[String]) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::with_capacity(shared.len() + own.len());
+    for tag in shared.iter().chain(own) {
+        if !tags.contains(tag) {
+            tags.push(tag.clone());
+        }
+    }
+    tags
+}

@@ -1,0 +1,187 @@
+//! Upload: history imported as JSON Lines. Each valid line is stored (once, however often it is
+//! uploaded) and each bad one reported with its line number; the valid ones are stored in
+//! chunks of [`UPLOAD_CHUNK`], each durable before the next.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::audit::Audited;
+use super::ingest::{check_label, check_tags, merge_tags};
+use super::App;
+use crate::auth::{Access, MemoryAccess};
+use crate::bounds::{MAX_LISTED_ERRORS, MAX_UPLOAD_LINES, UPLOAD_CHUNK};
+use crate::error::ApiError;
+use crate::ids::{Role, Scope};
+use crate::store::{MemoryRecord, NewMemory};
+
+/// One parsed upload line.
+pub struct UploadLine {
+    pub content: String,
+    pub role: Role,
+    pub timestamp_ms: Option<i64>,
+    pub session_id: Option<String>,
+    pub tags: Vec<String>,
+}
+
+pub struct LineError {
+    pub line: usize,
+    pub code: &'static str,
+    pub message: String,
+}
+
+pub struct UploadResult {
+    pub total: usize,
+    pub processed: usize,
+    pub stored: usize,
+    pub duplicates: usize,
+    pub failed: usize,
+    pub errors: Vec<LineError>,
+}
+
+impl UploadResult {
+    /// Counts a refused line, listing it while the list has room.
+    fn fail(&mut self, line: usize, code: &'static str, message: String) {
+        self.failed += 1;
+        if self.errors.len() < MAX_LISTED_ERRORS {
+            self.errors.push(LineError {
+                line,
+                code,
+                message,
+            });
+        }
+    }
+}
+
+impl App {
+    /// Imports history; durable before the answer.
+    pub async fn upload(
+        self: &Arc<Self>,
+        access: &MemoryAccess,
+        lines: Vec<(usize, Result<UploadLine, ApiError>)>,
+    ) -> Result<UploadResult, ApiError> {
+        let mut audited = Audited {
+            vault: Some(access.vault),
+            ..Audited::default()
+        };
+        let actor = Access::Memory(access.clone());
+        let result = self.upload_inner(access, lines).await;
+        if let Ok(done) = &result {
+            for (name, value) in [
+                ("total", done.total),
+                ("processed", done.processed),
+                ("stored", done.stored),
+                ("failed", done.failed),
+            ] {
+                audited.detail.insert(name.into(), Value::from(value));
+            }
+        }
+        self.audit(&actor, "upload", audited, result).await
+    }
+
+    async fn upload_inner(
+        self: &Arc<Self>,
+        access: &MemoryAccess,
+        lines: Vec<(usize, Result<UploadLine, ApiError>)>,
+    ) -> Result<UploadResult, ApiError> {
+        access.require(Scope::Write)?;
+        if lines.is_empty() {
+            return Err(ApiError::invalid("the upload holds no lines"));
+        }
+        if lines.len() > MAX_UPLOAD_LINES {
+            return Err(ApiError::TooManyLines {
+                count: lines.len(),
+                max: MAX_UPLOAD_LINES,
+            });
+        }
+        let now = self.now_ms();
+        let max_chars = self.config.limits.max_message_chars;
+        let mut result = UploadResult {
+            total: lines.len(),
+            processed: 0,
+            stored: 0,
+            duplicates: 0,
+            failed: 0,
+            errors: Vec::new(),
+        };
+        let mut valid: Vec<(usize, NewMemory)> = Vec::new();
+        for (line, parsed) in lines {
+            let checked = parsed
+                .map_err(|error| (error.code(), error.to_string()))
+                .and_then(|line| check_upload_line(line, max_chars, now));
+            match checked {
+                Ok(memory) => valid.push((line, memory)),
+                Err((code, message)) => result.fail(line, code, message),
+            }
+        }
+        let lock = self.locks.of(access.vault);
+        let _shared = lock.read().await;
+        for chunk in valid.chunks(UPLOAD_CHUNK) {
+            let memories: Vec<NewMemory> = chunk
+                .iter()
+                .map(|(_, m)| NewMemory {
+                    record: m.record.clone(),
+                    explicit_timestamp: m.explicit_timestamp,
+                })
+                .collect();
+            match self.store_memories(access.vault, memories).await {
+                Ok(outcome) => {
+                    let stored = outcome.iter().filter(|(_, new)| *new).count();
+                    result.processed += outcome.len();
+                    result.stored += stored;
+                    result.duplicates += outcome.len() - stored;
+                }
+                // The chunks before were stored: report this one's lines, and go on (a later
+                // chunk of duplicates is still answered).
+                Err(error @ (ApiError::VaultFull { .. } | ApiError::DiskFull { .. })) => {
+                    for (line, _) in chunk {
+                        result.fail(*line, error.code(), error.to_string());
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        result.errors.sort_by_key(|e| e.line);
+        Ok(result)
+    }
+}
+
+/// Turns an upload line into a memory, or gives the error code and message for it.
+fn check_upload_line(
+    line: UploadLine,
+    max_chars: usize,
+    now: i64,
+) -> Result<NewMemory, (&'static str, String)> {
+    let invalid = |error: ApiError| (error.code(), error.to_string());
+    let chars = line.content.chars().count();
+    if line.content.trim().is_empty() {
+        return Err(invalid(ApiError::invalid("`content` is empty")));
+    }
+    if chars > max_chars {
+        return Err((
+            "message_too_long",
+            format!("`content` has {chars} characters; the maximum is {max_chars}"),
+        ));
+    }
+    if !line.role.is_remembered() {
+        return Err(invalid(ApiError::invalid(
+            "`role` must be user or assistant: only what they said becomes memory",
+        )));
+    }
+    if let Some(session) = &line.session_id {
+        check_label(session, "session_id").map_err(invalid)?;
+    }
+    check_tags(&line.tags, "tags").map_err(invalid)?;
+    Ok(NewMemory {
+        explicit_timestamp: line.timestamp_ms.is_some(),
+        record: MemoryRecord {
+            content: line.content,
+            role: line.role.as_str().to_owned(),
+            session_id: line.session_id,
+            created_at_ms: line.timestamp_ms.unwrap_or(now),
+            model: None,
+            tags: merge_tags(&[], &line.tags),
+            digest: String::new(),
+        },
+    })
+}

@@ -1,0 +1,127 @@
+//! One vault's index: its vectors flat in memory, each with the metadata filters read, the
+//! session chain, the lexical index over session windows, and an HNSW graph over a prefix of
+//! the vectors once the vault is large. Ranked by [`super::hybrid`].
+
+use std::collections::{HashMap, HashSet};
+
+use super::graph::Graph;
+use super::lexical::LexicalIndex;
+use super::session::SessionLinks;
+use crate::ids::MemoryId;
+use crate::store::EntryMeta;
+use crate::vector::{UnitVector, DIM};
+
+/// Memories without a session are chained only when this close in time (30 minutes).
+const SESSIONLESS_GAP_MS: i64 = 30 * 60 * 1000;
+
+/// The vectors of one vault, flat, plus an optional HNSW graph over a prefix of them.
+#[derive(Default)]
+pub struct VaultIndex {
+    pub(super) ids: Vec<MemoryId>,
+    pub(super) vectors: Vec<f32>,
+    /// Beside each vector: what filters look at (date, session, tags); its terms are moved into
+    /// the lexical index.
+    pub(super) meta: Vec<EntryMeta>,
+    /// Every id ever inserted, so a late insert of a deleted memory is not taken back in.
+    present: HashSet<MemoryId>,
+    /// Deleted memories still in the arrays (and the graph); skipped by every search.
+    pub(super) removed: HashSet<MemoryId>,
+    /// BM25 over each memory's window (itself and its session neighbours).
+    pub(super) lexical: LexicalIndex,
+    pub(super) links: SessionLinks,
+    /// Memory id -> position.
+    positions: HashMap<MemoryId, u32>,
+    pub(super) graph: Option<Graph>,
+    pub(super) building: bool,
+    /// The size at which a graph build failed: none is tried again until the vault doubles,
+    /// so a build that panics is not retried on every query.
+    pub(super) graph_failed_at: Option<usize>,
+}
+
+impl VaultIndex {
+    pub fn new() -> VaultIndex {
+        VaultIndex::default()
+    }
+
+    /// Memories searchable now (deleted ones excluded).
+    pub fn len(&self) -> usize {
+        self.ids.len() - self.removed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many memories the HNSW graph covers (0 while there is none).
+    pub fn graph_covers(&self) -> usize {
+        self.graph.as_ref().map_or(0, |g| g.covered)
+    }
+
+    /// Adds a vector with no metadata (benchmarks and tests).
+    pub fn insert(&mut self, id: MemoryId, vector: &UnitVector) {
+        self.insert_with_meta(id, vector, EntryMeta::default());
+    }
+
+    /// Adds a vector; a memory already present (or deleted) is left as it is.
+    pub fn insert_with_meta(&mut self, id: MemoryId, vector: &UnitVector, mut meta: EntryMeta) {
+        if !self.present.insert(id) {
+            return;
+        }
+        let stored = &self.meta;
+        let at_ms = meta.created_at_ms;
+        let sessionless = meta.session_id.is_none();
+        // Without a session, only memories close in time are taken to be one conversation.
+        let (position, _) = self.links.push(meta.session_id.clone(), |previous| {
+            !sessionless
+                || (at_ms - stored[previous as usize].created_at_ms).abs() <= SESSIONLESS_GAP_MS
+        });
+        self.lexical.push(&meta.terms, &self.links);
+        self.positions.insert(id, position);
+        meta.terms = Vec::new();
+        self.ids.push(id);
+        self.vectors.extend_from_slice(vector);
+        self.meta.push(meta);
+    }
+
+    /// Takes memories out of every later search. Their slots are reclaimed when the vault is
+    /// next loaded from the store.
+    pub fn remove(&mut self, ids: &[MemoryId]) {
+        for id in ids {
+            // Marked even if not present yet: an embedding under way must not bring it back.
+            if self.present.insert(*id) || !self.removed.insert(*id) {
+                continue;
+            }
+            let Some(&position) = self.positions.get(id) else {
+                continue;
+            };
+            let position = position as usize;
+            self.lexical.remove(position, &self.links);
+            let session = self.meta[position].session_id.clone();
+            self.links.unlink(position, &session);
+        }
+    }
+
+    /// The vector at a position.
+    pub(super) fn vector(&self, position: usize) -> &[f32] {
+        &self.vectors[position * DIM..(position + 1) * DIM]
+    }
+
+    /// Builds the HNSW graph over every vector present, on this thread (benchmarks and tests;
+    /// the daemon builds graphs in the background).
+    pub fn build_graph_now(&mut self) {
+        self.graph = Some(Graph::build(&self.vectors));
+    }
+
+    /// Whether this vault should get a graph now (large, none yet, none building).
+    pub(super) fn wants_graph(&self, threshold: usize) -> bool {
+        !self.building
+            && self.ids.len() >= threshold
+            && self
+                .graph_failed_at
+                .is_none_or(|failed| self.ids.len() >= 2 * failed)
+            && self
+                .graph
+                .as_ref()
+                .is_none_or(|g| self.ids.len() >= 2 * g.covered)
+    }
+}
