@@ -394,7 +394,7 @@ fn check_header(master: &XChaCha20Poly1305, bytes: &[u8]) -> anyhow::Result<()> 
             bytes[16]
         );
     }
-    if bytes.len() % SLOT_LEN != 0 {
+    if !bytes.len().is_multiple_of(SLOT_LEN) {
         bail!(
             "the keyring is {} bytes, not a whole number of {SLOT_LEN}-byte slots: it was \
              truncated or garbled; restore it from backup",

@@ -172,7 +172,7 @@ impl Metrics {
             memories_stored: IntCounterVec::new(
                 opts(
                     "ingest_messages_total",
-                    "Ingested messages by outcome (stored, duplicate, skipped).",
+                    "Ingested messages by outcome (stored, or duplicate of one stored before).",
                 ),
                 &["outcome"],
             )?,

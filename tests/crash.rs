@@ -387,6 +387,18 @@ fn damaged_keys_stop_start_up_with_a_clear_error_never_empty_answers() {
     let stderr = refused_start(data, common::MASTER_KEY, &[]);
     assert!(stderr.contains("is missing"), "{stderr}");
 
+    // An empty keyring beside a store of vaults is the same loss, not a new keyring.
+    std::fs::write(&keyring, b"").unwrap();
+    let stderr = refused_start(data, common::MASTER_KEY, &[]);
+    assert!(
+        stderr.contains("is empty") && stderr.contains("Restore the keyring"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read(&keyring).unwrap().is_empty(),
+        "the empty keyring was left as found"
+    );
+
     // Restored, everything is there again.
     std::fs::write(&keyring, &intact).unwrap();
     let daemon = Daemon::start(data, &[]);

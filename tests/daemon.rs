@@ -1015,3 +1015,19 @@ fn a_ranked_memory_that_cannot_be_read_is_left_out_and_counted() {
         Some(1.0)
     );
 }
+
+#[test]
+fn a_closed_stdout_is_said_in_the_log_and_the_daemon_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_closed_stdout(dir.path(), &[]);
+    let key = daemon.mint_key("user:stdout");
+    let stored = daemon.ingest(&key, None, json!([user("I collect stamps from Iceland.")]));
+    assert_eq!(stored["stored"], 1);
+    assert!(
+        daemon
+            .stderr()
+            .contains("could not write the listening address to stdout"),
+        "{}",
+        daemon.stderr()
+    );
+}

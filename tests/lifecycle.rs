@@ -1058,3 +1058,101 @@ fn an_erasure_cut_short_is_finished_at_the_next_start() {
         ["I play the oboe."]
     );
 }
+
+// ---- concurrency and budgets
+
+#[test]
+fn concurrent_mints_never_pass_a_vaults_limit_of_active_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = InProcess::start(dir.path(), &["--key-rate-per-second", "0"]);
+    let (manager, info) = daemon.mint(json!({
+        "name": "owner", "scopes": ["read", "write", "delete", "admin"]
+    }));
+    // 99 active keys in the vault, then sixteen mints at once for the last place.
+    for n in 1..99 {
+        daemon.mint_as(&manager, json!({"name": format!("key {n}")}));
+    }
+    let client: &Client = &daemon;
+    let statuses: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let racers: Vec<_> = (0..16)
+            .map(|n| {
+                let manager = &manager;
+                scope.spawn(move || {
+                    let body = json!({"name": format!("racer {n}")});
+                    let response = client.call("POST", "/v1/keys", manager, None, Some(&body));
+                    let code = if response.status == 201 {
+                        String::new()
+                    } else {
+                        response.error_code()
+                    };
+                    (response.status, code)
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|(status, _)| *status == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(statuses
+        .iter()
+        .all(|(status, code)| *status == 201 || code == "too_many_keys"));
+    let vault = info["vault_id"].as_str().unwrap();
+    let listed = daemon
+        .call(
+            "GET",
+            &format!("/v1/keys?vault_id={vault}&limit=1000"),
+            ADMIN_KEY,
+            None,
+            None,
+        )
+        .json();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 100);
+}
+
+#[test]
+fn a_memory_key_told_it_is_not_the_admin_key_keeps_its_request_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = InProcess::start(
+        dir.path(),
+        &["--key-rate-per-second", "0.001", "--key-burst", "1"],
+    );
+    let (key, info) = daemon.mint(json!({"name": "user:budget"}));
+    let audit = daemon.call("GET", "/v1/audit", &key, None, None);
+    assert_eq!(audit.error_code(), "admin_key_required");
+    let vault = info["vault_id"].as_str().unwrap();
+    let erase = daemon.call("DELETE", &format!("/v1/vaults/{vault}"), &key, None, None);
+    assert_eq!(erase.error_code(), "admin_key_required");
+    assert_eq!(
+        daemon.status_of(&key),
+        (200, String::new()),
+        "its one request was left"
+    );
+    assert_eq!(daemon.status_of(&key).1, "rate_limited");
+}
+
+#[test]
+fn close_waits_for_the_indexer_so_nothing_runs_after_the_last_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = {
+        let mut daemon = InProcess::start(dir.path(), &[]);
+        let (key, _) = daemon.mint(json!({"name": "user:close"}));
+        let messages: Vec<Value> = (0..64)
+            .map(|n| json!({"role": "user", "content": format!("Note {n}: the blue folder holds receipt {n}.")}))
+            .collect();
+        daemon.ingest(&key, None, Value::Array(messages));
+        // The indexer is embedding those now; close must wait for it, and for every thread
+        // that holds the app, before it returns.
+        daemon.close().unwrap();
+        assert_eq!(
+            std::sync::Arc::strong_count(&daemon.app),
+            1,
+            "a thread still holds the app after close"
+        );
+        key
+    };
+    let daemon = InProcess::start(dir.path(), &[]);
+    assert_eq!(daemon.export(&key).len(), 64);
+}

@@ -1,4 +1,8 @@
 //! The shipped unit file passes `systemd-analyze verify` (with ExecStart pointed at this build).
+//! Without `systemd-analyze` the test says so and returns, except under `CI=true` (where
+//! `.ci/run` installs it), where it fails.
+
+mod common;
 
 use std::process::Command;
 
@@ -9,7 +13,7 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         .output()
         .is_err()
     {
-        eprintln!("systemd-analyze is not installed here; the unit file was not verified");
+        common::skip("systemd-analyze is not installed here; the unit file was not verified");
         return;
     }
     let unit = std::fs::read_to_string(concat!(

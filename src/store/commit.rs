@@ -19,6 +19,7 @@ use anyhow::{bail, Context};
 
 use super::ledger::Ledger;
 use super::sled::COMMIT_SEQ;
+use super::CommitFuture;
 use crate::metrics::Metrics;
 
 type CommitReply = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -134,17 +135,21 @@ impl Committer {
         !self.poisoned.load(Ordering::Acquire)
     }
 
-    /// Waits until everything written before this call is on disk.
-    pub async fn commit(&self) -> anyhow::Result<()> {
+    /// Asks for a commit now and returns the wait for it: it resolves once everything written
+    /// before this call is on disk.
+    pub fn commit(&self) -> CommitFuture {
         let (reply, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Request::Commit(reply))
-            .map_err(|_| anyhow::anyhow!("the group-commit thread has stopped"))?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => bail!("commit failed: {message}"),
-            Err(_) => bail!("the group-commit thread has stopped"),
-        }
+        let sent = self.tx.send(Request::Commit(reply));
+        Box::pin(async move {
+            if sent.is_err() {
+                bail!("the group-commit thread has stopped");
+            }
+            match wait.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(message)) => bail!("commit failed: {message}"),
+                Err(_) => bail!("the group-commit thread has stopped"),
+            }
+        })
     }
 
     /// Serves the commits already asked for, ends the thread and waits for it, then fsyncs the

@@ -53,7 +53,8 @@ pub use self::vectors::{VectorItem, Vectors};
 pub type CommitFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 pub trait Durability {
-    /// Makes everything written so far durable; see promise 1.
+    /// Asks for everything written so far to be made durable (promise 1); the future says
+    /// when it is. The commit is asked for when this is called, not when the future is polled.
     fn commit(&self) -> CommitFuture;
 
     /// Whether writes can still be made durable (promise 5).
@@ -82,8 +83,7 @@ impl<T: Keys + Vaults + Memories + Vectors + Audit + Durability + Send + Sync> B
 
 impl Durability for SledStore {
     fn commit(&self) -> CommitFuture {
-        let committer = self.committer.clone();
-        Box::pin(async move { committer.commit().await })
+        self.committer.commit()
     }
 
     fn is_healthy(&self) -> bool {
@@ -105,5 +105,27 @@ impl Durability for SledStore {
     fn close(&self) -> anyhow::Result<()> {
         self.committer.stop()?;
         self.flush_and_sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_serves_the_commits_asked_for_then_refuses_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::for_tests(dir.path());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(store.commit()).unwrap();
+        let queued = store.commit();
+        store.close().unwrap();
+        runtime
+            .block_on(queued)
+            .expect("a commit asked for before close is served");
+        assert!(runtime.block_on(store.commit()).is_err());
+        store.close().expect("closing twice is harmless");
     }
 }

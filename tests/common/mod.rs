@@ -99,6 +99,15 @@ impl Response {
     }
 }
 
+/// Where the daemon's stdout goes.
+#[derive(Clone, Copy)]
+enum Stdout {
+    /// To the harness, which reads the address line and then drains it.
+    Piped,
+    /// Into a pipe whose reader is closed.
+    Closed,
+}
+
 impl Daemon {
     /// Starts the daemon and waits until `/readyz` answers 200.
     pub fn start(data_dir: &Path, args: &[&str]) -> Daemon {
@@ -117,6 +126,20 @@ impl Daemon {
     /// [`Daemon::spawn`], or the daemon's stderr if it exits before it listens (a refused
     /// start-up).
     pub fn try_spawn(data_dir: &Path, args: &[&str]) -> Result<Daemon, String> {
+        Daemon::launch(data_dir, args, Stdout::Piped)
+    }
+
+    /// Starts the daemon with its stdout a pipe nobody reads (the reader is closed), so every
+    /// write to it fails, and finds its address in its log instead; waits until ready.
+    pub fn start_with_closed_stdout(data_dir: &Path, args: &[&str]) -> Daemon {
+        let daemon = Daemon::launch(data_dir, args, Stdout::Closed).unwrap_or_else(|stderr| {
+            panic!("the daemon exited instead of listening; stderr:\n{stderr}")
+        });
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn launch(data_dir: &Path, args: &[&str], stdout: Stdout) -> Result<Daemon, String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_memory-sidecar"));
         for (name, _) in std::env::vars() {
             if name.starts_with("MEMORY_SIDECAR_") {
@@ -134,8 +157,15 @@ impl Daemon {
             .arg(models_dir())
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        match stdout {
+            Stdout::Piped => command.stdout(Stdio::piped()),
+            Stdout::Closed => {
+                let (reader, writer) = std::io::pipe().expect("a pipe");
+                drop(reader);
+                command.arg("--log-format").arg("json").stdout(writer)
+            }
+        };
         let mut child = command.spawn().expect("spawning memory-sidecar");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let sink = stderr.clone();
@@ -145,29 +175,60 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .expect("reading the daemon's stdout");
-        let Some(addr) = line
-            .trim()
-            .strip_prefix("memory-sidecar listening on http://")
-        else {
-            // stdout closed: the daemon is exiting; collect all it said.
-            child.wait().expect("reaping the daemon");
-            reader.join().expect("the stderr reader");
-            return Err(format!(
-                "stdout {line:?}, stderr:\n{}",
-                stderr.lock().unwrap().join("\n")
-            ));
+        let addr = match stdout {
+            Stdout::Piped => {
+                let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
+                let mut line = String::new();
+                stdout
+                    .read_line(&mut line)
+                    .expect("reading the daemon's stdout");
+                let Some(addr) = line
+                    .trim()
+                    .strip_prefix("memory-sidecar listening on http://")
+                else {
+                    // stdout closed: the daemon is exiting; collect all it said.
+                    child.wait().expect("reaping the daemon");
+                    reader.join().expect("the stderr reader");
+                    return Err(format!(
+                        "stdout {line:?}, stderr:\n{}",
+                        stderr.lock().unwrap().join("\n")
+                    ));
+                };
+                let addr = addr.parse().expect("a socket address");
+                // Keep reading stdout: a closed pipe would make any later print in the daemon
+                // (a library's println!) fail, and Rust's print panics on a write error.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+                });
+                addr
+            }
+            Stdout::Closed => {
+                let started = Instant::now();
+                loop {
+                    let listening = stderr.lock().unwrap().iter().find_map(|line| {
+                        let event: Value = serde_json::from_str(line).ok()?;
+                        if event["message"] != "listening" {
+                            return None;
+                        }
+                        event["address"].as_str()?.parse::<SocketAddr>().ok()
+                    });
+                    if let Some(addr) = listening {
+                        break addr;
+                    }
+                    if child.try_wait().expect("try_wait").is_some() || started.elapsed() > DEADLINE
+                    {
+                        let _ = child.kill();
+                        child.wait().expect("reaping the daemon");
+                        reader.join().expect("the stderr reader");
+                        return Err(format!(
+                            "no listening line; stderr:\n{}",
+                            stderr.lock().unwrap().join("\n")
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         };
-        let addr = addr.parse().expect("a socket address");
-        // Keep reading stdout: a closed pipe would make any later print in the daemon (a
-        // library's println!) fail, and Rust's print panics on a write error.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        });
         Ok(Daemon {
             child,
             client: Client { addr },
@@ -254,6 +315,15 @@ impl BenchArgs {
     pub fn count(&self, name: &str, default: usize) -> usize {
         self.numbers.get(name).map_or(default, |v| *v as usize)
     }
+}
+
+/// Says why a test cannot run here and returns, or, under CI (`CI=true`), fails: CI installs
+/// the tools and has the permissions, so a skip there would be a test passing untested.
+pub fn skip(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{reason}; under CI=true this test must run, not skip");
+    }
+    eprintln!("SKIPPED: {reason}");
 }
 
 /// A number from the environment, or `default` when it is unset or not a number (seeds and
@@ -531,15 +601,23 @@ impl InProcess {
     }
 }
 
-impl Drop for InProcess {
-    fn drop(&mut self) {
+impl InProcess {
+    /// Stops serving (draining in-flight requests) and closes the app, as the binary does at
+    /// SIGTERM. Dropping does this too.
+    pub fn close(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(server) = self.server.take() {
             let _ = server.join();
         }
-        let _ = self.app.close();
+        self.app.close()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.close();
         // The store is released (its file lock too) once the indexer thread lets go of the app.
         let started = Instant::now();
         while Arc::strong_count(&self.app) > 1 && started.elapsed() < DEADLINE {
