@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draws growth.svg (beside README.md) from benches/growth.json: prepare latency against vault
+"""Draws growth.svg (at the top of the repository) from benches/growth.json: prepare latency against vault
 size, and latency and memory against the number of vaults. Plain SVG, no plotting library.
 
     python3 scripts/plot-growth.py            # reads benches/growth.json, writes growth.svg

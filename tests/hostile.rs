@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-/// Every code the daemon may answer with (README.md, "Error codes").
+/// Every code the daemon may answer with (docs/api.md, "Error codes").
 const CODES: &[&str] = &[
     "invalid_json",
     "invalid_request",
