@@ -19,7 +19,8 @@
 //!   [`http::serve`] -> [`app::App::close`].
 //! - [`http`]: the only module that knows hyper and the wire JSON. `routes` (the route table,
 //!   dispatch), `request` (credentials, query parameters, bodies within their bounds),
-//!   `response` (the error shape), `wire` (JSON shapes and their translation to domain types).
+//!   `response` (the error shape), `wire` (JSON shapes: `requests` into domain requests,
+//!   `responses` from domain results).
 //! - [`app`]: the domain operations, one file each: `auth` (a credential to a capability),
 //!   `ingest`, `prepare`, `render` (the context block), `search` (ranked search, export, stats,
 //!   and the ranking step prepare shares), `upload`, `erase`, `keys`, `audit`; the background
@@ -30,9 +31,11 @@
 //! - [`index`]: per-vault indexes derived from the store: `cache` (loaded indexes within a
 //!   budget), `vault`, `hybrid` (the ranking), `lexical` (terms and BM25), `session` (the
 //!   session chain), `graph` (HNSW), `dot` (the crate's only `unsafe`).
-//! - [`embed`]: tokenizer and ONNX Runtime sessions on their own threads, fed by a queue.
+//! - [`embed`]: tokenizer and ONNX Runtime sessions on their own threads, fed by a queue
+//!   (`queue`, tested without the model; `model`, the files, a session, one batch run).
 //! - [`auth`]: key format, hashing, constant-time checks; yields [`auth::Access`].
-//! - [`crypto`]: per-vault data keys in the keyring file, wrapped by the master key; sealing.
+//! - [`crypto`]: the master key and each vault's cipher (sealing, keyed digests); the
+//!   `keyring` file of data keys wrapped by the master key.
 //! - [`throttle`]: one token bucket, for each key's rate and each address's failures.
 //! - [`error`]: the one request-path error and its table of stable codes and statuses.
 //! - [`config`], [`metrics`], [`clock`] (injectable time), [`fsio`] (fsync, secret files),

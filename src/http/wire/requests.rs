@@ -1,31 +1,20 @@
-//! The JSON wire shapes, and their translation to and from domain types.
+//! Request shapes, and their translation into domain requests.
 //!
-//! Requests accept what chat gateways already send: OpenAI-style messages whose `content` is a
-//! string, an array of parts, or null, and unknown fields (a gateway may forward its whole chat
-//! request). Malformed JSON is `invalid_json`; well-formed JSON of the wrong shape is
-//! `invalid_request`, with serde's description of what was wrong.
+//! Messages take what chat gateways already send: OpenAI-style `content` as a string, an array
+//! of parts, or null; unknown fields are ignored (a gateway may forward its whole chat request).
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
+use super::{kind_of, parse, positive_integer, timestamp_ms, vault_id};
 use crate::app::ingest::{IngestRequest, Message};
-use crate::app::keys::{self, KeyInfo, MintRequest, MintedKey};
-use crate::app::prepare::{PrepareRequest, PrepareResult};
-use crate::app::search::{Found, Recalled, SearchRequest, SearchResult, VaultStats};
-use crate::app::upload::{UploadLine, UploadResult};
-use crate::bounds::{MAX_LABEL_CHARS, MAX_TIMESTAMP_MS};
+use crate::app::keys::MintRequest;
+use crate::app::prepare::PrepareRequest;
+use crate::app::search::SearchRequest;
+use crate::app::upload::UploadLine;
+use crate::bounds::MAX_LABEL_CHARS;
 use crate::error::ApiError;
-use crate::ids::{KeyId, MemoryId, Role, Scope, VaultId};
-use crate::store::{AuditEntry, KeyStatus, MemoryRecord};
-
-pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|error| match error.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidRequest(error.to_string()),
-        _ => ApiError::InvalidJson(error.to_string()),
-    })
-}
+use crate::ids::{MemoryId, Role, Scope};
 
 #[derive(Deserialize)]
 pub struct WireMessage {
@@ -103,13 +92,6 @@ impl WireMintKey {
             vault,
         })
     }
-}
-
-/// A vault id as the API shows it, or `invalid_request`.
-pub fn vault_id(text: &str) -> Result<VaultId, ApiError> {
-    text.parse().map_err(|_| {
-        ApiError::invalid("`vault_id` must be `vlt_` and 32 hex digits, as key_info shows it")
-    })
 }
 
 #[derive(Deserialize)]
@@ -228,34 +210,6 @@ fn upload_line(line: &[u8]) -> Result<UploadLine, ApiError> {
     })
 }
 
-fn positive_integer(field: &str, value: Option<Value>) -> Result<Option<usize>, ApiError> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
-            None => Err(ApiError::invalid(format!(
-                "`{field}` must be a positive integer, got {n}"
-            ))),
-        },
-        Some(other) => Err(ApiError::invalid(format!(
-            "`{field}` must be a positive integer, got {}",
-            kind_of(&other)
-        ))),
-    }
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// `content` as text: a string, the text parts of an array joined by newlines, or empty.
 fn content_text(index: usize, content: Value) -> Result<String, ApiError> {
     match content {
         Value::Null => Ok(String::new()),
@@ -288,24 +242,6 @@ fn content_text(index: usize, content: Value) -> Result<String, ApiError> {
 }
 
 /// RFC 3339 text or integer milliseconds since the epoch.
-fn timestamp_ms(field: &str, value: Option<Value>) -> Result<Option<i64>, ApiError> {
-    let ms = match value {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(text)) => OffsetDateTime::parse(&text, &Rfc3339)
-            .ok()
-            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64),
-        Some(_) => None,
-    };
-    match ms {
-        Some(ms) if (0..=MAX_TIMESTAMP_MS).contains(&ms) => Ok(Some(ms)),
-        _ => Err(ApiError::invalid(format!(
-            "`{field}` must be RFC 3339 text (2026-11-23T10:00:00Z) or epoch milliseconds \
-             between 1970 and 9999"
-        ))),
-    }
-}
-
 fn messages(wire: Vec<WireMessage>, max_messages: usize) -> Result<Vec<Message>, ApiError> {
     if wire.len() > max_messages {
         return Err(ApiError::TooManyMessages {
@@ -363,220 +299,6 @@ impl WireIngest {
     }
 }
 
-pub fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-#[derive(Serialize)]
-pub struct WireMemory<'a> {
-    id: String,
-    content: &'a str,
-    role: &'a str,
-    session_id: Option<&'a str>,
-    tags: &'a [String],
-    created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    score: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    similarity: Option<f32>,
-}
-
-impl<'a> WireMemory<'a> {
-    fn new(id: MemoryId, record: &'a MemoryRecord, score: Option<(f32, f32)>) -> Self {
-        let round = |x: f32| (x * 10_000.0).round() / 10_000.0;
-        WireMemory {
-            id: id.to_string(),
-            content: &record.content,
-            role: &record.role,
-            session_id: record.session_id.as_deref(),
-            tags: &record.tags,
-            created_at: rfc3339(record.created_at_ms),
-            score: score.map(|(s, _)| round(s)),
-            similarity: score.map(|(_, s)| round(s)),
-        }
-    }
-}
-
-impl<'a> From<&'a Recalled> for WireMemory<'a> {
-    fn from(memory: &'a Recalled) -> Self {
-        WireMemory::new(
-            memory.id,
-            &memory.record,
-            Some((memory.score, memory.similarity)),
-        )
-    }
-}
-
-impl<'a> From<&'a Found> for WireMemory<'a> {
-    fn from(memory: &'a Found) -> Self {
-        WireMemory::new(memory.id, &memory.record, memory.score)
-    }
-}
-
-#[derive(Serialize)]
-pub struct WirePrepared<'a> {
-    context: Option<&'a str>,
-    memories: Vec<WireMemory<'a>>,
-    tokens: usize,
-}
-
-impl<'a> From<&'a PrepareResult> for WirePrepared<'a> {
-    fn from(result: &'a PrepareResult) -> Self {
-        WirePrepared {
-            context: result.context.as_deref(),
-            memories: result.memories.iter().map(WireMemory::from).collect(),
-            tokens: result.tokens,
-        }
-    }
-}
-
-#[derive(Serialize)]
-pub struct WireSearchResult<'a> {
-    memories: Vec<WireMemory<'a>>,
-    next_cursor: Option<String>,
-}
-
-impl<'a> From<&'a SearchResult> for WireSearchResult<'a> {
-    fn from(result: &'a SearchResult) -> Self {
-        WireSearchResult {
-            memories: result.memories.iter().map(WireMemory::from).collect(),
-            next_cursor: result.next_cursor.map(|id| id.to_string()),
-        }
-    }
-}
-
-fn optional_time(ms: Option<i64>) -> Option<String> {
-    ms.map(rfc3339)
-}
-
-#[derive(Serialize)]
-pub struct WireKeyInfo {
-    id: String,
-    name: String,
-    key_prefix: String,
-    scopes: Vec<Scope>,
-    vault_id: String,
-    created_at: String,
-    last_used_at: Option<String>,
-    expires_at: Option<String>,
-    revoked_at: Option<String>,
-    deprecated_at: Option<String>,
-    auto_revoke_at: Option<String>,
-    is_active: bool,
-    status: &'static str,
-    rotated_to: Option<String>,
-    rotated_from: Option<String>,
-}
-
-impl From<KeyInfo> for WireKeyInfo {
-    fn from(info: KeyInfo) -> Self {
-        let record = info.record;
-        WireKeyInfo {
-            key_prefix: keys::key_prefix(&record),
-            id: record.id.to_string(),
-            name: record.name,
-            scopes: record.scopes,
-            vault_id: record.vault.to_string(),
-            created_at: rfc3339(record.created_at_ms),
-            last_used_at: optional_time(info.last_used_at_ms),
-            expires_at: optional_time(record.expires_at_ms),
-            revoked_at: optional_time(record.revoked_at_ms),
-            deprecated_at: optional_time(record.deprecated_at_ms),
-            auto_revoke_at: optional_time(record.auto_revoke_at_ms),
-            is_active: info.status == KeyStatus::Active,
-            status: info.status.as_str(),
-            rotated_to: record.rotated_to.map(|id| id.to_string()),
-            rotated_from: record.rotated_from.map(|id| id.to_string()),
-        }
-    }
-}
-
-#[derive(Serialize)]
-pub struct WireMinted {
-    key: String,
-    key_info: WireKeyInfo,
-}
-
-impl From<MintedKey> for WireMinted {
-    fn from(minted: MintedKey) -> Self {
-        WireMinted {
-            key: minted.key,
-            key_info: minted.info.into(),
-        }
-    }
-}
-
-#[derive(Serialize)]
-pub struct WireKeyList {
-    keys: Vec<WireKeyInfo>,
-    next_cursor: Option<String>,
-}
-
-impl WireKeyList {
-    pub fn new(keys: Vec<KeyInfo>, next_cursor: Option<KeyId>) -> Self {
-        WireKeyList {
-            keys: keys.into_iter().map(WireKeyInfo::from).collect(),
-            next_cursor: next_cursor.map(|id| id.to_string()),
-        }
-    }
-}
-
-pub fn upload_result(result: &UploadResult) -> Value {
-    let status = match (result.processed, result.failed) {
-        (_, 0) => "completed",
-        (0, _) => "failed",
-        _ => "partial",
-    };
-    let errors: Vec<Value> = result
-        .errors
-        .iter()
-        .map(|e| serde_json::json!({"line": e.line, "code": e.code, "message": e.message}))
-        .collect();
-    serde_json::json!({
-        "status": status,
-        "stats": {
-            "total": result.total,
-            "processed": result.processed,
-            "failed": result.failed,
-            "stored": result.stored,
-            "duplicates": result.duplicates,
-        },
-        "errors": errors,
-    })
-}
-
-pub fn stats(stats: &VaultStats) -> Value {
-    serde_json::json!({
-        "count": stats.count,
-        "bytes": stats.bytes,
-        "oldest": optional_time(stats.oldest_ms),
-        "newest": optional_time(stats.newest_ms),
-        "sessions": stats.sessions,
-        "pending": stats.pending,
-    })
-}
-
-pub fn audit_page(entries: &[AuditEntry], next: Option<u64>) -> Value {
-    let entries: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            serde_json::json!({
-                "at": rfc3339(e.at_ms),
-                "actor": e.actor,
-                "action": e.action,
-                "key_id": e.key_id,
-                "vault_id": e.vault,
-                "outcome": e.outcome,
-                "detail": e.detail,
-            })
-        })
-        .collect();
-    serde_json::json!({"entries": entries, "next_cursor": next.map(|n| n.to_string())})
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,34 +338,6 @@ mod tests {
             .unwrap();
         assert_eq!(request.messages[0].content, "a\nb");
         assert_eq!(request.messages[1].content, "");
-    }
-
-    #[test]
-    fn timestamps_take_rfc3339_or_epoch_ms() {
-        assert_eq!(
-            timestamp_ms("t", Some(Value::from(1_700_000_000_000i64))).unwrap(),
-            Some(1_700_000_000_000)
-        );
-        assert_eq!(
-            timestamp_ms("t", Some(Value::from("2023-11-14T22:13:20Z"))).unwrap(),
-            Some(1_700_000_000_000)
-        );
-        assert!(timestamp_ms("t", Some(Value::from("yesterday"))).is_err());
-        assert!(timestamp_ms("t", Some(Value::from(-5))).is_err());
-        assert_eq!(rfc3339(1_700_000_000_000), "2023-11-14T22:13:20Z");
-    }
-
-    #[test]
-    fn limits_must_be_positive_integers() {
-        assert_eq!(
-            positive_integer("limit", Some(Value::from(5))).unwrap(),
-            Some(5)
-        );
-        assert!(positive_integer("limit", Some(Value::from(-1))).is_err());
-        assert!(positive_integer("limit", Some(Value::from("5"))).is_err());
-        assert!(positive_integer("limit", Some(Value::from(1.5))).is_err());
-        let huge: Value = serde_json::from_str("1e300").unwrap();
-        assert!(positive_integer("limit", Some(huge)).is_err());
     }
 
     #[test]
