@@ -259,7 +259,7 @@ fn main() {
                 let body = json!({
                     "messages": [{"role": "user", "content": question.text}],
                     "limit": k,
-                    "max_tokens": 16000,
+                    "context_tokens": 16000,
                 });
                 let started = Instant::now();
                 let answer = client.post_json("/v1/memory/prepare", Some(key), None, &body);

@@ -122,6 +122,7 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
                 auto_revoke_at_ms: None,
                 rotated_to: None,
                 rotated_from: None,
+                session_isolation: false,
             })
             .unwrap();
         keys.push(key.full);
@@ -140,6 +141,7 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
                         model: None,
                         tags: Vec::new(),
                         digest: String::new(),
+                        passage: None,
                     },
                     explicit_timestamp: false,
                 })

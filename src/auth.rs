@@ -49,6 +49,26 @@ impl Mode {
         }
     }
 
+    /// A mode named in full (`X-Memory-Mode`): `full`, `read`, `write` or `off`.
+    pub fn parse(text: &str) -> Option<Mode> {
+        let (retrieve, store) = match text {
+            "full" => (true, true),
+            "read" => (true, false),
+            "write" => (false, true),
+            "off" => (false, false),
+            _ => return None,
+        };
+        Some(Mode { retrieve, store })
+    }
+
+    /// What both modes allow: a mode only ever narrows another.
+    pub fn and(self, other: Mode) -> Mode {
+        Mode {
+            retrieve: self.retrieve && other.retrieve,
+            store: self.store && other.store,
+        }
+    }
+
     /// A label for metrics: one of four fixed values.
     pub fn label(self) -> &'static str {
         match (self.retrieve, self.store) {
@@ -263,6 +283,8 @@ pub struct MemoryAccess {
     pub deprecated: bool,
     /// When the key expires, if it does: no key it mints outlives it.
     pub expires_at_ms: Option<i64>,
+    /// The key's default for requests with a session: see only that session's memories.
+    pub session_isolation: bool,
 }
 
 impl MemoryAccess {
@@ -388,6 +410,7 @@ mod tests {
                     .mode,
                 deprecated: false,
                 expires_at_ms: None,
+                session_isolation: false,
             }
         };
         let full = access(&Scope::ALL, "");

@@ -38,6 +38,8 @@ pub const MIN_ADMIN_KEY_LEN: usize = 32;
 
 /// Largest buffer hyper may hold for one connection's request head, in bytes.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest JSON-RPC message `POST /mcp` takes, in bytes.
+pub const MAX_MCP_MESSAGE_BYTES: usize = 256 * 1024;
 /// Longest path parameter (a key, memory or vault id) looked at, in characters.
 pub const MAX_PARAM_CHARS: usize = 100;
 /// Query parameters looked at in one URL; the rest are ignored.
@@ -53,9 +55,10 @@ pub const MAX_TERM_CHARS: usize = 40;
 /// Client addresses whose failed authentications are tracked at once.
 pub const MAX_TRACKED_ADDRESSES: usize = 4096;
 
-/// Ceiling of `--max-message-chars`: a stored message stays under sled's 128 KiB blob
-/// threshold (FACTS.md) even when every character is a control character that JSON escapes as
-/// six bytes.
+/// Ceiling of `--passage-chars`: a stored passage stays under sled's 128 KiB blob threshold
+/// (FACTS.md) even when every character is a control character that JSON escapes as six bytes.
 pub const MAX_MESSAGE_CHARS_CEILING: usize = 20_000;
+/// Ceiling of `--max-passages-per-message` (a passage's index is kept in 16 bits).
+pub const MAX_PASSAGES_CEILING: usize = 4096;
 /// Ceiling of `--max-limit`.
 pub const MAX_LIMIT_CEILING: usize = 1000;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser, ValueEnum};
 
-use crate::bounds::{MAX_LIMIT_CEILING, MAX_MESSAGE_CHARS_CEILING};
+use crate::bounds::{MAX_LIMIT_CEILING, MAX_MESSAGE_CHARS_CEILING, MAX_PASSAGES_CEILING};
+use crate::ids::Scope;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -63,35 +64,70 @@ pub struct Flags {
     #[arg(long, env = "MEMORY_SIDECAR_LOG", default_value = "info")]
     pub log: String,
 
-    /// Largest request body accepted, in bytes (413 past it).
-    #[arg(long, env = "MEMORY_SIDECAR_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    /// Largest request body accepted, in bytes (413 past it). Sized for a gateway that forwards
+    /// its whole chat request (system prompt, tools, pasted documents).
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
     /// Most messages in one prepare or ingest request (413 past it).
-    #[arg(long, env = "MEMORY_SIDECAR_MAX_MESSAGES", default_value_t = 256)]
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_MESSAGES", default_value_t = 10_000)]
     pub max_messages: usize,
-    /// Most characters in one message (413 past it).
+    /// Characters a stored message is cut at into passages, each embedded and ranked on its
+    /// own; a shorter message is one memory.
+    #[arg(long, env = "MEMORY_SIDECAR_PASSAGE_CHARS", default_value_t = 1000)]
+    pub passage_chars: usize,
+    /// Characters of a passage's end repeated at the start of the next, so that a sentence cut
+    /// by a passage boundary is whole in one of them.
     #[arg(
         long,
-        env = "MEMORY_SIDECAR_MAX_MESSAGE_CHARS",
-        default_value_t = 16_000
+        env = "MEMORY_SIDECAR_PASSAGE_OVERLAP_CHARS",
+        default_value_t = 100
     )]
-    pub max_message_chars: usize,
-    /// Memories prepare returns when the request gives no `limit`.
+    pub passage_overlap_chars: usize,
+    /// Most passages one stored message may make (413 `message_too_long` past it). System,
+    /// developer and tool messages are never stored, so this does not bound them.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_MAX_PASSAGES_PER_MESSAGE",
+        default_value_t = 256
+    )]
+    pub max_passages_per_message: usize,
+    /// Characters of the latest user turn(s) prepare looks at for its query (the rest is
+    /// ignored), and the longest `query` search accepts.
+    #[arg(long, env = "MEMORY_SIDECAR_MAX_QUERY_CHARS", default_value_t = 4000)]
+    pub max_query_chars: usize,
+    /// Memories prepare returns when the request gives no `limit` (nor `context_limit`, nor
+    /// `density`).
     #[arg(long, env = "MEMORY_SIDECAR_DEFAULT_LIMIT", default_value_t = 10)]
     pub default_limit: usize,
     /// Largest `limit` a request may ask for (at least 50).
     #[arg(long, env = "MEMORY_SIDECAR_MAX_LIMIT", default_value_t = 100)]
     pub max_limit: usize,
-    /// Context budget in tokens when the request gives no `max_tokens`.
+    /// Context budget in tokens when the request gives no `context_tokens` (nor `density`).
     #[arg(
         long,
-        env = "MEMORY_SIDECAR_DEFAULT_MAX_TOKENS",
+        alias = "default-max-tokens",
+        env = "MEMORY_SIDECAR_DEFAULT_CONTEXT_TOKENS",
         default_value_t = 1500
     )]
-    pub default_max_tokens: usize,
-    /// Largest `max_tokens` a request may ask for.
-    #[arg(long, env = "MEMORY_SIDECAR_MAX_MAX_TOKENS", default_value_t = 16_000)]
-    pub max_max_tokens: usize,
+    pub default_context_tokens: usize,
+    /// Largest `context_tokens` a request may ask for.
+    #[arg(
+        long,
+        alias = "max-max-tokens",
+        env = "MEMORY_SIDECAR_MAX_CONTEXT_TOKENS",
+        default_value_t = 16_000
+    )]
+    pub max_context_tokens: usize,
+    /// Scopes a key minted without `scopes` gets (comma-separated; a memory key minting gets
+    /// those of them it holds). With delete, a user's own key can erase their data, as
+    /// MemoryRouter's account deletion expects.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_DEFAULT_SCOPES",
+        default_value = "read,write,delete",
+        value_delimiter = ','
+    )]
+    pub default_scopes: Vec<String>,
     /// Largest JSONL upload body, in bytes (413 past it).
     #[arg(long, env = "MEMORY_SIDECAR_MAX_UPLOAD_BYTES", default_value_t = 16 << 20)]
     pub max_upload_bytes: usize,
@@ -294,11 +330,23 @@ pub struct Limits {
     /// Writes that add data are refused below this many free bytes on the data filesystem.
     pub min_free_bytes: u64,
     pub max_messages: usize,
-    pub max_message_chars: usize,
+    pub passage_chars: usize,
+    pub passage_overlap_chars: usize,
+    pub max_passages_per_message: usize,
+    pub max_query_chars: usize,
     pub default_limit: usize,
     pub max_limit: usize,
-    pub default_max_tokens: usize,
-    pub max_max_tokens: usize,
+    pub default_context_tokens: usize,
+    pub max_context_tokens: usize,
+    /// Scopes of a key minted without any named.
+    pub default_scopes: Vec<Scope>,
+}
+
+impl Limits {
+    /// The most characters one stored message may hold.
+    pub fn max_stored_message_chars(&self) -> usize {
+        self.max_passages_per_message * self.passage_chars
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -368,13 +416,40 @@ impl Flags {
         if self.key_rate_per_second > 0.0 && self.key_burst == 0 {
             bail!("--key-burst must be at least 1 when a key rate is set");
         }
-        at_least("max-message-chars", self.max_message_chars, 16)?;
-        if self.max_message_chars > MAX_MESSAGE_CHARS_CEILING {
+        at_least("passage-chars", self.passage_chars, 200)?;
+        if self.passage_chars > MAX_MESSAGE_CHARS_CEILING {
             bail!(
-                "--max-message-chars must be at most {MAX_MESSAGE_CHARS_CEILING} (sled's blob \
+                "--passage-chars must be at most {MAX_MESSAGE_CHARS_CEILING} (sled's blob \
                  threshold), got {}",
-                self.max_message_chars
+                self.passage_chars
             );
+        }
+        if self.passage_overlap_chars * 2 > self.passage_chars {
+            bail!(
+                "--passage-overlap-chars ({}) must be at most half of --passage-chars ({})",
+                self.passage_overlap_chars,
+                self.passage_chars
+            );
+        }
+        at_least("max-passages-per-message", self.max_passages_per_message, 1)?;
+        if self.max_passages_per_message > MAX_PASSAGES_CEILING {
+            bail!(
+                "--max-passages-per-message must be at most {MAX_PASSAGES_CEILING}, got {}",
+                self.max_passages_per_message
+            );
+        }
+        at_least("max-query-chars", self.max_query_chars, 16)?;
+        let default_scopes = self
+            .default_scopes
+            .iter()
+            .map(|name| {
+                Scope::parse(name.trim()).with_context(|| {
+                    format!("--default-scopes: unknown scope {name:?}; scopes are read, write, delete, admin")
+                })
+            })
+            .collect::<anyhow::Result<Vec<Scope>>>()?;
+        if default_scopes.is_empty() {
+            bail!("--default-scopes must name at least one scope");
         }
         at_least("max-limit", self.max_limit, 50)?;
         if self.max_limit > MAX_LIMIT_CEILING {
@@ -391,22 +466,17 @@ impl Flags {
                 self.max_limit
             );
         }
-        at_least("default-max-tokens", self.default_max_tokens, 32)?;
-        if self.default_max_tokens > self.max_max_tokens {
+        at_least("default-context-tokens", self.default_context_tokens, 32)?;
+        if self.default_context_tokens > self.max_context_tokens {
             bail!(
-                "--default-max-tokens ({}) is above --max-max-tokens ({})",
-                self.default_max_tokens,
-                self.max_max_tokens
+                "--default-context-tokens ({}) is above --max-context-tokens ({})",
+                self.default_context_tokens,
+                self.max_context_tokens
             );
         }
         at_least("max-connections", self.max_connections, 1)?;
         at_least("max-inflight", self.max_inflight, 1)?;
-        at_least(
-            "embed-queue-texts",
-            self.embed_queue_texts,
-            self.max_messages,
-        )
-        .context("the embedding queue must hold at least one request's messages")?;
+        at_least("embed-queue-texts", self.embed_queue_texts, 1)?;
         at_least("embed-batch-texts", self.embed_batch_texts, 1)?;
         at_least(
             "embed-background-batch-texts",
@@ -491,11 +561,15 @@ impl Flags {
                 auth_failure_burst: self.auth_failure_burst,
                 min_free_bytes: self.min_free_mb.saturating_mul(1 << 20),
                 max_messages: self.max_messages,
-                max_message_chars: self.max_message_chars,
+                passage_chars: self.passage_chars,
+                passage_overlap_chars: self.passage_overlap_chars,
+                max_passages_per_message: self.max_passages_per_message,
+                max_query_chars: self.max_query_chars,
                 default_limit: self.default_limit,
                 max_limit: self.max_limit,
-                default_max_tokens: self.default_max_tokens,
-                max_max_tokens: self.max_max_tokens,
+                default_context_tokens: self.default_context_tokens,
+                max_context_tokens: self.max_context_tokens,
+                default_scopes,
             },
             embed: EmbedConfig {
                 threads: threads / self.embed_workers,

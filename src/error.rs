@@ -41,6 +41,8 @@ pub enum ApiError {
     KeyInactive(String),
     #[error("the vault already has {max} active keys; revoke some first")]
     TooManyKeys { max: usize },
+    #[error("a memory key mints keys only for its own vault: name it in `vault_id`. To give a new user a vault of their own, mint with the admin key")]
+    VaultIdRequired,
     #[error("the vault holds {count} memories and may hold at most {max}; delete some, or ask the operator to raise --max-vault-memories")]
     VaultFull { count: usize, max: usize },
     #[error("this key is over its request rate; retry in {retry_after_s} s")]
@@ -69,10 +71,11 @@ pub enum ApiError {
     BodyTooLarge { max_bytes: usize },
     #[error("{count} messages in one request; the maximum is {max}")]
     TooManyMessages { count: usize, max: usize },
-    #[error("message {index} has {chars} characters; the maximum is {max}")]
+    #[error("message {index} has {chars} characters, {passages} passages to store; a stored message may have at most {max} passages (--max-passages-per-message)")]
     MessageTooLong {
         index: usize,
         chars: usize,
+        passages: usize,
         max: usize,
     },
     #[error("content type must be {expected}, got {got:?}")]
@@ -124,6 +127,7 @@ impl ApiError {
             VaultNotFound(_) => ("vault_not_found", 404),
             KeyInactive(_) => ("key_inactive", 409),
             TooManyKeys { .. } => ("too_many_keys", 409),
+            VaultIdRequired => ("vault_id_required", 400),
             VaultFull { .. } => ("vault_full", 409),
             RateLimited { .. } => ("rate_limited", 429),
             AuthRateLimited { .. } => ("auth_rate_limited", 429),

@@ -155,7 +155,7 @@ fn suffix_modes_switch_retrieval_and_storage() {
         let answer = daemon.prepare(&disabled, None, question);
         assert_eq!(
             answer,
-            json!({"context": null, "memories": [], "tokens": 0}),
+            json!({"context": null, "memories": [], "tokens": 0, "memories_found": 0}),
             "{disabled}"
         );
     }
@@ -257,8 +257,12 @@ fn every_error_has_its_status_and_code() {
             "4096",
             "--max-messages",
             "3",
-            "--max-message-chars",
-            "100",
+            "--passage-chars",
+            "200",
+            "--passage-overlap-chars",
+            "20",
+            "--max-passages-per-message",
+            "2",
         ],
     );
     let key = daemon.mint_key("user:errors");
@@ -322,11 +326,22 @@ fn every_error_has_its_status_and_code() {
     check(
         prepare(
             Some(&key),
-            &json!({"messages": [user("x")], "max_tokens": -3}),
+            &json!({"messages": [user("x")], "context_tokens": -3}),
         ),
         400,
         "invalid_request",
     );
+    check(
+        prepare(
+            Some(&key),
+            &json!({"messages": [user("x")], "density": "huge"}),
+        ),
+        400,
+        "invalid_request",
+    );
+    // A forwarded chat request's `max_tokens` is the model's, not ours: not refused.
+    let forwarded = json!({"messages": [user("x")], "max_tokens": -3});
+    assert_eq!(prepare(Some(&key), &forwarded).status, 200);
     let bad_session = [
         ("Content-Type", "application/json"),
         ("X-Memory-Key", key.as_str()),
@@ -414,10 +429,22 @@ fn every_error_has_its_status_and_code() {
     check(prepare(Some(&key), &big), 413, "body_too_large");
     let many = json!({"messages": [user("a"), user("b"), user("c"), user("d")]});
     check(prepare(Some(&key), &many), 413, "too_many_messages");
+    // Only a stored message has a length bound (its passages); prepare reads any.
+    let long = json!({"messages": [user(&"long words here. ".repeat(40))]});
+    assert_eq!(prepare(Some(&key), &long).status, 200);
     check(
-        prepare(Some(&key), &json!({"messages": [user(&"y".repeat(101))]})),
+        daemon.post_json("/v1/memory/ingest", Some(&key), None, &long),
         413,
         "message_too_long",
+    );
+    let system_prompt =
+        json!({"messages": [{"role": "system", "content": "rules. ".repeat(400)}, user("hi")]});
+    assert_eq!(
+        daemon
+            .post_json("/v1/memory/ingest", Some(&key), None, &system_prompt)
+            .status,
+        202,
+        "a long message that is not stored is no reason to refuse"
     );
 
     let text_headers = [

@@ -35,6 +35,7 @@ const CODES: &[&str] = &[
     "method_not_allowed",
     "key_inactive",
     "too_many_keys",
+    "vault_id_required",
     "vault_full",
     "body_too_large",
     "too_many_messages",
@@ -52,6 +53,7 @@ const PATHS: &[&str] = &[
     "/v1/memory/search",
     "/v1/memory/upload",
     "/v1/memory/stats",
+    "/v1/memory/warmup",
     "/v1/memory",
     "/v1/memory/mem_0000000000000001",
     "/v1/keys",
@@ -59,12 +61,15 @@ const PATHS: &[&str] = &[
     "/v1/keys/0123456789abcdef/rotate",
     "/v1/vaults/vlt_00000000000000000000000000000000",
     "/v1/audit",
+    "/mcp",
 ];
 
 /// Valid bodies to mutate, so that cases reach past the JSON parser into every field.
 fn seeds() -> Vec<Value> {
     vec![
-        json!({"messages": [{"role": "user", "content": "hello", "timestamp": "2024-01-01T00:00:00Z", "tags": ["a"]}], "limit": 5, "max_tokens": 100, "tags": ["a"]}),
+        json!({"messages": [{"role": "user", "content": "hello", "timestamp": "2024-01-01T00:00:00Z", "tags": ["a"]}], "limit": 5, "context_tokens": 100, "max_tokens": 100, "tags": ["a"]}),
+        json!({"messages": [{"role": "user", "content": "hello"}], "context_limit": 0, "density": "high", "session_id": "s", "session_isolation": true}),
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search_memories", "arguments": {"query": "hello", "limit": 3}}}),
         json!({"query": "hello", "limit": 3, "cursor": "mem_0000000000000001", "session_id": "s", "tags": ["a"], "since": 0, "until": "2030-01-01T00:00:00Z"}),
         json!({"name": "k", "scopes": ["read"], "expires_days": 3, "vault_id": "vlt_00000000000000000000000000000000"}),
         json!({"grace_days": 2}),

@@ -258,8 +258,10 @@ fn every_endpoint_checks_every_scope_and_mode() {
         assert_eq!(response.status, 403, "{method} {path}: {}", response.text());
     }
     assert_eq!(daemon.status_of(&strong).0, 200);
-    let (child, child_info) =
-        daemon.mint_as(&manager, json!({"name": "reader", "scopes": ["read"]}));
+    let (child, child_info) = daemon.mint_as(
+        &manager,
+        json!({"name": "reader", "scopes": ["read"], "vault_id": own_vault}),
+    );
     assert_eq!(daemon.status_of(&child).0, 200);
     let listed = daemon.call("GET", "/v1/keys", &manager, None, None).json();
     let ids: Vec<&str> = listed["keys"]
@@ -493,7 +495,10 @@ fn expiry_and_rotation_grace_follow_the_clock() {
     // A key minted by an expiring key expires with it; a rotated one manages nothing.
     let (manager, manager_info) =
         daemon.mint(json!({"name": "app", "scopes": ["admin", "read"], "expires_days": 10}));
-    let (_, child) = daemon.mint_as(&manager, json!({"name": "child", "scopes": ["read"]}));
+    let (_, child) = daemon.mint_as(
+        &manager,
+        json!({"name": "child", "scopes": ["read"], "vault_id": manager_info["vault_id"]}),
+    );
     assert_eq!(child["expires_at"], manager_info["expires_at"]);
     let auth = format!("Bearer {ADMIN_KEY}");
     let child_id = child["id"].as_str().unwrap();
@@ -735,7 +740,16 @@ fn upload_reports_bad_lines_and_never_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         dir.path(),
-        &["--max-message-chars", "200", "--max-upload-bytes", "4096"],
+        &[
+            "--passage-chars",
+            "200",
+            "--passage-overlap-chars",
+            "0",
+            "--max-passages-per-message",
+            "1",
+            "--max-upload-bytes",
+            "4096",
+        ],
     );
     let (key, _) = daemon.mint(json!({"name": "importer"}));
     let long = "x".repeat(201);
@@ -1069,8 +1083,12 @@ fn concurrent_mints_never_pass_a_vaults_limit_of_active_keys() {
         "name": "owner", "scopes": ["read", "write", "delete", "admin"]
     }));
     // 99 active keys in the vault, then sixteen mints at once for the last place.
+    let vault = info["vault_id"].as_str().unwrap();
     for n in 1..99 {
-        daemon.mint_as(&manager, json!({"name": format!("key {n}")}));
+        daemon.mint_as(
+            &manager,
+            json!({"name": format!("key {n}"), "vault_id": vault}),
+        );
     }
     let client: &Client = &daemon;
     let statuses: Vec<(u16, String)> = std::thread::scope(|scope| {
@@ -1078,7 +1096,7 @@ fn concurrent_mints_never_pass_a_vaults_limit_of_active_keys() {
             .map(|n| {
                 let manager = &manager;
                 scope.spawn(move || {
-                    let body = json!({"name": format!("racer {n}")});
+                    let body = json!({"name": format!("racer {n}"), "vault_id": vault});
                     let response = client.call("POST", "/v1/keys", manager, None, Some(&body));
                     let code = if response.status == 201 {
                         String::new()
@@ -1099,7 +1117,6 @@ fn concurrent_mints_never_pass_a_vaults_limit_of_active_keys() {
     assert!(statuses
         .iter()
         .all(|(status, code)| *status == 201 || code == "too_many_keys"));
-    let vault = info["vault_id"].as_str().unwrap();
     let listed = daemon
         .call(
             "GET",

@@ -157,6 +157,7 @@ impl App {
             }
         }
         Ok(MemoryAccess {
+            session_isolation: record.session_isolation,
             deprecated: record.deprecated_at_ms.is_some(),
             expires_at_ms: record.expires_at_ms,
             key_id: record.id,

@@ -1,15 +1,19 @@
 //! Ingest: a finished exchange in, its user and assistant messages stored durably, then
-//! acknowledged. Embedding and indexing happen afterwards, in the indexer. Also the checks
-//! every message-carrying request shares (messages, tags, labels) and the vault size limit.
+//! acknowledged; a message longer than one passage is stored as its passages
+//! ([`super::passages`]). Embedding and indexing happen afterwards, in the indexer. Also the
+//! checks every message-carrying request shares (messages, tags, labels) and the vault size
+//! limit.
 
 use std::sync::Arc;
 
+use super::passages;
+use super::session::SessionScope;
 use super::{blocking, App};
 use crate::auth::MemoryAccess;
 use crate::bounds::{MAX_LABEL_CHARS, MAX_TAGS, MAX_TAG_CHARS};
 use crate::error::ApiError;
 use crate::ids::{MemoryId, Role, Scope, VaultId};
-use crate::store::{MemoryRecord, NewMemory};
+use crate::store::{MemoryRecord, NewMemory, Passage};
 
 #[derive(Clone, Debug)]
 pub struct Message {
@@ -39,7 +43,7 @@ impl App {
     pub async fn ingest(
         self: &Arc<Self>,
         access: &MemoryAccess,
-        session: Option<&str>,
+        session: &SessionScope,
         request: IngestRequest,
     ) -> Result<IngestResult, ApiError> {
         access.require_held(Scope::Write)?;
@@ -61,23 +65,25 @@ impl App {
             return Ok(nothing);
         }
         let now = self.now_ms();
-        let memories: Vec<NewMemory> = request
-            .messages
-            .into_iter()
-            .filter(|m| m.role.is_remembered() && m.remember && !m.content.trim().is_empty())
-            .map(|m| NewMemory {
-                explicit_timestamp: m.timestamp_ms.is_some(),
-                record: MemoryRecord {
-                    content: m.content,
-                    role: m.role.as_str().to_owned(),
-                    session_id: session.map(str::to_owned),
-                    created_at_ms: m.timestamp_ms.unwrap_or(now),
-                    model: request.model.clone(),
-                    tags: merge_tags(&request.tags, &m.tags),
-                    digest: String::new(),
-                },
-            })
-            .collect();
+        let mut memories: Vec<NewMemory> = Vec::new();
+        for (index, message) in request.messages.into_iter().enumerate() {
+            if !(message.role.is_remembered() && message.remember)
+                || message.content.trim().is_empty()
+            {
+                continue;
+            }
+            let record = MemoryRecord {
+                content: message.content,
+                role: message.role.as_str().to_owned(),
+                session_id: session.id.clone(),
+                created_at_ms: message.timestamp_ms.unwrap_or(now),
+                model: request.model.clone(),
+                tags: merge_tags(&request.tags, &message.tags),
+                digest: String::new(),
+                passage: None,
+            };
+            memories.extend(self.as_passages(index, record, message.timestamp_ms.is_some())?);
+        }
         if memories.is_empty() {
             return Ok(nothing);
         }
@@ -88,6 +94,55 @@ impl App {
             stored: outcome.iter().filter(|(_, new)| *new).count(),
             ids: outcome.into_iter().map(|(id, _)| id).collect(),
         })
+    }
+
+    /// A message to store, as its memories: itself when it fits one passage, else one memory
+    /// per passage, linked as parts of one message. Refused with `message_too_long` past
+    /// `--max-passages-per-message`. `index` is its place in the request, for the error.
+    pub(super) fn as_passages(
+        &self,
+        index: usize,
+        record: MemoryRecord,
+        explicit_timestamp: bool,
+    ) -> Result<Vec<NewMemory>, ApiError> {
+        let limits = &self.config.limits;
+        let texts = passages::split(
+            &record.content,
+            limits.passage_chars,
+            limits.passage_overlap_chars,
+        );
+        if texts.len() > limits.max_passages_per_message {
+            return Err(ApiError::MessageTooLong {
+                index,
+                chars: record.content.chars().count(),
+                passages: texts.len(),
+                max: limits.max_passages_per_message,
+            });
+        }
+        if texts.len() == 1 {
+            return Ok(vec![NewMemory {
+                record,
+                explicit_timestamp,
+            }]);
+        }
+        let message: u64 = rand::random();
+        let count = texts.len() as u16;
+        Ok(texts
+            .into_iter()
+            .enumerate()
+            .map(|(index, content)| NewMemory {
+                record: MemoryRecord {
+                    content,
+                    passage: Some(Passage {
+                        message,
+                        index: index as u16,
+                        count,
+                    }),
+                    ..record.clone()
+                },
+                explicit_timestamp,
+            })
+            .collect())
     }
 
     /// Writes memories into a vault (the caller holds the vault's lock shared) and makes them
@@ -150,6 +205,8 @@ impl App {
         Ok(outcome)
     }
 
+    /// Checks a request's messages: at least one, at most `--max-messages`. Their length is
+    /// bounded by the body alone: only stored messages have a bound of their own (passages).
     pub(super) fn check_messages(&self, messages: &[Message]) -> Result<(), ApiError> {
         let limits = &self.config.limits;
         if messages.is_empty() {
@@ -162,16 +219,6 @@ impl App {
                 count: messages.len(),
                 max: limits.max_messages,
             });
-        }
-        for (index, message) in messages.iter().enumerate() {
-            let chars = message.content.chars().count();
-            if chars > limits.max_message_chars {
-                return Err(ApiError::MessageTooLong {
-                    index,
-                    chars,
-                    max: limits.max_message_chars,
-                });
-            }
         }
         Ok(())
     }

@@ -21,10 +21,16 @@ use crate::store::{KeyRecord, KeyStatus};
 
 const DAY_MS: i64 = 86_400_000;
 
+/// A key's name when the request gives none (as MemoryRouter names it).
+pub const DEFAULT_KEY_NAME: &str = "New Key";
+
 pub struct MintRequest {
-    pub name: String,
-    /// `None`: read and write.
+    /// `None`: [`DEFAULT_KEY_NAME`].
+    pub name: Option<String>,
+    /// `None`: `--default-scopes` (those of them a minting memory key holds).
     pub scopes: Option<Vec<Scope>>,
+    /// Requests with a session see only that session's memories, unless they say otherwise.
+    pub session_isolation: bool,
     pub expires_days: Option<u32>,
     /// A further key for this existing vault; `None` mints a key with a new, empty vault.
     pub vault: Option<VaultId>,
@@ -78,7 +84,7 @@ impl App {
         access: &Access,
         request: MintRequest,
     ) -> Result<MintedKey, ApiError> {
-        let name = request.name.trim();
+        let name = request.name.as_deref().unwrap_or(DEFAULT_KEY_NAME).trim();
         if name.is_empty()
             || name.chars().count() > MAX_KEY_NAME_CHARS
             || name.chars().any(char::is_control)
@@ -87,7 +93,7 @@ impl App {
                 "`name` must be 1 to {MAX_KEY_NAME_CHARS} characters without control characters"
             )));
         }
-        let scopes = check_scopes(request.scopes)?;
+        let scopes = check_scopes(request.scopes, &self.config.limits.default_scopes, access)?;
         if let Some(days) = request.expires_days {
             if !(1..=MAX_EXPIRES_DAYS).contains(&days) {
                 return Err(ApiError::invalid(format!(
@@ -95,6 +101,7 @@ impl App {
                 )));
             }
         }
+        let asked_vault = request.vault;
         let vault = managed_vault(access, request.vault)?;
         let now = self.now_ms();
         let mut expires_days = request.expires_days;
@@ -122,6 +129,11 @@ impl App {
                         scope: *missing,
                         reason: "a key cannot mint a key with a scope it does not hold",
                     });
+                }
+                // Its own vault only, and said so: a memory key minting "a key for a new
+                // user" would otherwise put every user in its one vault.
+                if asked_vault.is_none() {
+                    return Err(ApiError::VaultIdRequired);
                 }
             }
             let _serial = app.key_ops.lock().expect("key operations lock");
@@ -167,6 +179,7 @@ impl App {
                 auto_revoke_at_ms: None,
                 rotated_to: None,
                 rotated_from: None,
+                session_isolation: request.session_isolation,
             };
             let (key, record) = app.insert_new_key(template)?;
             Ok((key, app.info(record, now)))
@@ -450,10 +463,23 @@ fn check_manageable(access: &Access, target: &KeyRecord) -> Result<(), ApiError>
     Ok(())
 }
 
-/// The scopes asked for, checked: at least one, no repeats; read and write when not given.
-fn check_scopes(scopes: Option<Vec<Scope>>) -> Result<Vec<Scope>, ApiError> {
-    let Some(mut scopes) = scopes else {
-        return Ok(Scope::DEFAULT.to_vec());
+/// The scopes asked for, checked: at least one, no repeats. Not given: the configured
+/// defaults, or for a memory key those of them it holds.
+fn check_scopes(
+    scopes: Option<Vec<Scope>>,
+    defaults: &[Scope],
+    access: &Access,
+) -> Result<Vec<Scope>, ApiError> {
+    let mut scopes = match scopes {
+        Some(scopes) => scopes,
+        None => match access {
+            Access::Admin => defaults.to_vec(),
+            Access::Memory(own) => defaults
+                .iter()
+                .copied()
+                .filter(|s| own.has_scope(*s))
+                .collect(),
+        },
     };
     if scopes.is_empty() {
         return Err(ApiError::invalid(

@@ -25,9 +25,11 @@ mod indexer;
 pub mod ingest;
 pub mod keys;
 mod locks;
+pub mod passages;
 pub mod prepare;
 pub mod render;
 pub mod search;
+pub mod session;
 pub mod upload;
 
 use std::collections::HashMap;

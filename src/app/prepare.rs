@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::ingest::{check_tags, Message};
 use super::render::{collapse_duplicates, render_context};
 use super::search::{MetaFilter, Recalled};
+use super::session::SessionScope;
 use super::App;
 use crate::auth::MemoryAccess;
 use crate::embed::EmbedTiming;
@@ -19,10 +20,46 @@ use crate::store::EntryMeta;
 
 pub struct PrepareRequest {
     pub messages: Vec<Message>,
+    /// Most memories in the context; `None`: the density's, else `--default-limit`.
     pub limit: Option<usize>,
-    pub max_tokens: Option<usize>,
+    /// The context's budget in tokens; `None`: the density's, else `--default-context-tokens`.
+    pub context_tokens: Option<usize>,
+    pub density: Option<Density>,
     /// Only memories carrying every one of these tags.
     pub tags: Vec<String>,
+}
+
+/// MemoryRouter's context sizes: each scales the configured default `limit` and token budget
+/// (low halves them, high doubles them, xhigh quadruples them), within their maximums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Density {
+    Low,
+    Default,
+    High,
+    Xhigh,
+}
+
+impl Density {
+    pub fn parse(text: &str) -> Option<Density> {
+        Some(match text {
+            "low" => Density::Low,
+            "default" => Density::Default,
+            "high" => Density::High,
+            "xhigh" => Density::Xhigh,
+            _ => return None,
+        })
+    }
+
+    /// `default` scaled, at least 1 and at most `max`.
+    fn scale(self, default: usize, max: usize) -> usize {
+        let scaled = match self {
+            Density::Low => default / 2,
+            Density::Default => default,
+            Density::High => default * 2,
+            Density::Xhigh => default * 4,
+        };
+        scaled.clamp(1, max)
+    }
 }
 
 pub struct PrepareResult {
@@ -59,52 +96,59 @@ impl App {
     pub async fn prepare(
         self: &Arc<Self>,
         access: &MemoryAccess,
-        session: Option<&str>,
+        session: &SessionScope,
         request: PrepareRequest,
     ) -> Result<PrepareResult, ApiError> {
         access.require_held(Scope::Read)?;
         self.check_messages(&request.messages)?;
         check_tags(&request.tags, "tags")?;
         let limits = &self.config.limits;
-        let limit = request.limit.unwrap_or(limits.default_limit);
+        let density = request.density.unwrap_or(Density::Default);
+        let limit = request
+            .limit
+            .unwrap_or_else(|| density.scale(limits.default_limit, limits.max_limit));
         if limit == 0 || limit > limits.max_limit {
             return Err(ApiError::invalid(format!(
                 "`limit` must be between 1 and {}, got {limit}",
                 limits.max_limit
             )));
         }
-        let max_tokens = request.max_tokens.unwrap_or(limits.default_max_tokens);
-        if max_tokens == 0 || max_tokens > limits.max_max_tokens {
+        let context_tokens = request.context_tokens.unwrap_or_else(|| {
+            density.scale(limits.default_context_tokens, limits.max_context_tokens)
+        });
+        if context_tokens == 0 || context_tokens > limits.max_context_tokens {
             return Err(ApiError::invalid(format!(
-                "`max_tokens` must be between 1 and {}, got {max_tokens}",
-                limits.max_max_tokens
+                "`context_tokens` must be between 1 and {}, got {context_tokens}",
+                limits.max_context_tokens
             )));
         }
         if !access.mode.retrieve {
             return Ok(PrepareResult::nothing());
         }
-        let Some(query) = build_query(&request.messages, self.config.retrieval.short_query_words)
-        else {
+        let retrieval = &self.config.retrieval;
+        let Some(query) = build_query(
+            &request.messages,
+            retrieval.short_query_words,
+            limits.max_query_chars,
+        ) else {
             return Ok(PrepareResult::nothing());
         };
         let (vector, embed_timing) = self.embed_query(&query).await?;
         let searching = Instant::now();
         // Over-fetch so that the session boost and duplicate collapse can reorder and drop.
         let candidates = limit.saturating_mul(2).max(limit + 10);
-        let keep = tag_filter(request.tags);
+        let keep = memory_filter(request.tags, session.confined_to(access));
         let mut recalled = self
             .recall(access.vault, &query, vector, candidates, keep, true)
             .await?;
-        let boost = self.config.retrieval.session_boost;
-        for memory in &mut recalled {
-            if session.is_some() && memory.record.session_id.as_deref() == session {
-                memory.score += boost;
-            }
-        }
-        recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
+        lift_session(
+            &mut recalled,
+            session.id.as_deref(),
+            retrieval.session_boost,
+        );
         let mut recalled = collapse_duplicates(recalled);
         recalled.truncate(limit);
-        let mut result = render_context(recalled, max_tokens, self.now_ms());
+        let mut result = render_context(recalled, context_tokens, self.now_ms());
         result.timing = PrepareTiming {
             embed: embed_timing,
             search: searching.elapsed(),
@@ -113,20 +157,42 @@ impl App {
     }
 }
 
-/// A filter keeping memories that carry every tag in `tags`; `None` when there are none.
-fn tag_filter(tags: Vec<String>) -> Option<MetaFilter> {
-    if tags.is_empty() {
+/// Adds `boost` to the score of each memory of `session`, and sorts best first.
+pub(super) fn lift_session(recalled: &mut [Recalled], session: Option<&str>, boost: f32) {
+    if let Some(session) = session {
+        for memory in recalled.iter_mut() {
+            if memory.record.session_id.as_deref() == Some(session) {
+                memory.score += boost;
+            }
+        }
+    }
+    recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
+}
+
+/// A filter keeping memories that carry every tag in `tags`, and only those of `session` when
+/// the request is confined to it; `None` when nothing is filtered.
+fn memory_filter(tags: Vec<String>, session: Option<&str>) -> Option<MetaFilter> {
+    let session = session.map(str::to_owned);
+    if tags.is_empty() && session.is_none() {
         return None;
     }
     Some(Box::new(move |meta: &EntryMeta| {
         tags.iter().all(|t| meta.tags.contains(t))
+            && session
+                .as_deref()
+                .is_none_or(|s| meta.session_id.as_deref() == Some(s))
     }))
 }
 
 /// The text prepare embeds: the latest user message first, then, when that message is short
 /// ("tell me more", "yes, last Tuesday"), the messages just before it, newest first, so that
-/// truncation at the model's limit drops the oldest context, never the question.
-pub fn build_query(messages: &[Message], short_query_words: usize) -> Option<String> {
+/// truncation at the model's limit drops the oldest context, never the question. At most
+/// `max_chars` characters: the rest of a long turn (a pasted document) is left out.
+pub fn build_query(
+    messages: &[Message],
+    short_query_words: usize,
+    max_chars: usize,
+) -> Option<String> {
     let latest = messages
         .iter()
         .rposition(|m| m.role == Role::User && !m.content.trim().is_empty())?;
@@ -143,7 +209,7 @@ pub fn build_query(messages: &[Message], short_query_words: usize) -> Option<Str
         words += text.split_whitespace().count();
         parts.push(text);
     }
-    Some(parts.join("\n"))
+    Some(parts.join("\n").chars().take(max_chars).collect())
 }
 
 #[cfg(test)]
@@ -170,9 +236,10 @@ mod tests {
             ),
         ];
         assert_eq!(
-            build_query(&messages, 8).unwrap(),
+            build_query(&messages, 8, 4000).unwrap(),
             "What is a good restaurant near my home for a birthday dinner?"
         );
+        assert_eq!(build_query(&messages, 8, 7).unwrap(), "What is");
     }
 
     #[test]
@@ -184,14 +251,30 @@ mod tests {
             message(Role::User, "tell me more"),
         ];
         assert_eq!(
-            build_query(&messages, 12).unwrap(),
+            build_query(&messages, 12, 4000).unwrap(),
             "tell me more\nYou liked the Sintra loop\nWhich hiking trails did I like"
         );
     }
 
     #[test]
     fn no_user_message_means_no_query() {
-        assert!(build_query(&[message(Role::System, "rules")], 8).is_none());
-        assert!(build_query(&[message(Role::User, "   ")], 8).is_none());
+        assert!(build_query(&[message(Role::System, "rules")], 8, 4000).is_none());
+        assert!(build_query(&[message(Role::User, "   ")], 8, 4000).is_none());
+    }
+}
+
+#[cfg(test)]
+mod density_tests {
+    use super::*;
+
+    #[test]
+    fn densities_scale_the_defaults_within_the_maximums() {
+        assert_eq!(Density::parse("xhigh"), Some(Density::Xhigh));
+        assert_eq!(Density::parse("max"), None);
+        assert_eq!(Density::Low.scale(10, 100), 5);
+        assert_eq!(Density::Default.scale(10, 100), 10);
+        assert_eq!(Density::High.scale(1500, 16_000), 3000);
+        assert_eq!(Density::Xhigh.scale(40, 100), 100);
+        assert_eq!(Density::Low.scale(1, 100), 1);
     }
 }

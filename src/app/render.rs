@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use super::prepare::{PrepareResult, PrepareTiming};
 use super::search::Recalled;
+use crate::ids::MemoryId;
 
 /// Words under which a memory is a short turn ("Yes, last Tuesday!"), shown with the turn
 /// before it.
@@ -48,17 +49,34 @@ pub fn estimate_tokens(text: &str) -> usize {
 
 /// Renders the recalled memories, best first, each with its date and age, as long as the whole
 /// stays within `max_tokens`. Memories that do not fit are left out of both context and list.
+/// A passage of a longer message is shown with the passages around it when they fit too, and
+/// a passage already shown that way is not shown again.
 pub fn render_context(recalled: Vec<Recalled>, max_tokens: usize, now_ms: i64) -> PrepareResult {
     let mut context = String::from(CONTEXT_HEADER);
     let mut tokens = estimate_tokens(&context);
     let mut kept = Vec::new();
+    // Passages already shown as another's neighbours.
+    let mut shown: HashSet<MemoryId> = HashSet::new();
     for memory in recalled {
-        let mut line = format!(
-            "\n- [{}] {}: {}",
-            describe_date(memory.record.created_at_ms, now_ms),
-            memory.record.role,
-            memory.record.content.replace('\n', " ")
-        );
+        if shown.contains(&memory.id) {
+            continue;
+        }
+        let head = match memory.record.passage {
+            Some(passage) => format!(
+                "\n- [{}] {} (part {} of {} of a longer message): ",
+                describe_date(memory.record.created_at_ms, now_ms),
+                memory.record.role,
+                passage.index + 1,
+                passage.count
+            ),
+            None => format!(
+                "\n- [{}] {}: ",
+                describe_date(memory.record.created_at_ms, now_ms),
+                memory.record.role
+            ),
+        };
+        let own = memory.record.content.replace('\n', " ");
+        let mut line = format!("{head}{own}");
         if let Some(context) = &memory.context {
             let before: String = context.content.chars().take(CONTEXT_CHARS).collect();
             let cut = if context.content.chars().count() > CONTEXT_CHARS {
@@ -72,12 +90,31 @@ pub fn render_context(recalled: Vec<Recalled>, max_tokens: usize, now_ms: i64) -
                 before.replace('\n', " ")
             ));
         }
+        let mut siblings = Vec::new();
+        if memory.before.is_some() || memory.after.is_some() {
+            let mut text = own.clone();
+            if let Some((id, before)) = &memory.before {
+                text = join_overlapping(&before.content.replace('\n', " "), &text);
+                siblings.push(*id);
+            }
+            if let Some((id, after)) = &memory.after {
+                text = join_overlapping(&text, &after.content.replace('\n', " "));
+                siblings.push(*id);
+            }
+            let wider = format!("{head}{text}");
+            if tokens + estimate_tokens(&wider) <= max_tokens {
+                line = wider;
+            } else {
+                siblings.clear();
+            }
+        }
         let line_tokens = estimate_tokens(&line);
         if tokens + line_tokens > max_tokens {
             continue;
         }
         tokens += line_tokens;
         context.push_str(&line);
+        shown.extend(siblings);
         kept.push(memory);
     }
     if kept.is_empty() {
@@ -90,6 +127,22 @@ pub fn render_context(recalled: Vec<Recalled>, max_tokens: usize, now_ms: i64) -
         memories: kept,
         timing: PrepareTiming::default(),
     }
+}
+
+/// Two consecutive passages as one text: the second's start that repeats the first's end (the
+/// passages' overlap) is said once.
+fn join_overlapping(first: &str, second: &str) -> String {
+    let first = first.trim_end();
+    let second = second.trim_start();
+    let second_chars: Vec<(usize, char)> = second.char_indices().collect();
+    for take in (1..=second_chars.len().min(first.chars().count())).rev() {
+        let end = second_chars.get(take).map_or(second.len(), |(at, _)| *at);
+        let prefix = &second[..end];
+        if first.ends_with(prefix) && prefix.chars().count() >= 8 {
+            return format!("{first}{}", &second[end..]);
+        }
+    }
+    format!("{first} {second}")
 }
 
 /// `2026-11-20, 3 days ago`: the calendar date (UTC) and a relative age.
@@ -114,13 +167,14 @@ pub fn describe_date(at_ms: i64, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::MemoryId;
-    use crate::store::MemoryRecord;
+    use crate::store::{MemoryRecord, Passage};
 
     fn recalled(content: &str, score: f32) -> Recalled {
         Recalled {
             similarity: score,
             context: None,
+            before: None,
+            after: None,
             id: MemoryId(1),
             record: MemoryRecord {
                 content: content.into(),
@@ -130,6 +184,7 @@ mod tests {
                 model: None,
                 tags: Vec::new(),
                 digest: String::new(),
+                passage: None,
             },
             score,
         }
@@ -171,6 +226,55 @@ mod tests {
             "2025-11-02, 3 weeks ago"
         );
         assert!(describe_date(now - 800 * day, now).ends_with("2 years ago"));
+    }
+
+    #[test]
+    fn a_passage_is_shown_with_its_neighbours_when_they_fit_and_once() {
+        let part = |id: u64, index: u16, text: &str| {
+            let mut memory = recalled(text, 1.0 - f32::from(index) / 10.0);
+            memory.id = MemoryId(id);
+            memory.record.passage = Some(Passage {
+                message: 7,
+                index,
+                count: 3,
+            });
+            memory
+        };
+        let mut middle = part(2, 1, "the code is 4417, written on the back. Then we left.");
+        middle.before = Some((
+            MemoryId(1),
+            part(1, 0, "We met at noon; the code is 4417").record,
+        ));
+        middle.after = Some((
+            MemoryId(3),
+            part(3, 2, "Then we left. Nothing else.").record,
+        ));
+        let after = part(3, 2, "Then we left. Nothing else.");
+        let wide = render_context(vec![middle, after], 1000, 0);
+        let context = wide.context.unwrap();
+        assert!(
+            context.contains("(part 2 of 3 of a longer message): We met at noon; the code is 4417, written on the back. Then we left. Nothing else."),
+            "{context}"
+        );
+        assert_eq!(
+            wide.memories.len(),
+            1,
+            "the neighbour shown once, not again"
+        );
+        // Without room for the neighbours, the passage alone.
+        let mut alone = part(2, 1, "the code is 4417, written on the back. Then we left.");
+        alone.before = Some((MemoryId(1), part(1, 0, &"filler ".repeat(200)).record));
+        let narrow = render_context(vec![alone], 120, 0).context.unwrap();
+        assert!(narrow.contains("): the code is 4417") && !narrow.contains("filler"));
+    }
+
+    #[test]
+    fn overlapping_passages_join_without_the_repeat() {
+        assert_eq!(
+            join_overlapping("one two three four five", "three four five six"),
+            "one two three four five six"
+        );
+        assert_eq!(join_overlapping("abc", "def"), "abc def");
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::ingest::{check_label, check_tags};
-use super::render::is_short_turn;
+use super::prepare::lift_session;
+use super::render::{estimate_tokens, is_short_turn};
+use super::session::SessionScope;
 use super::{blocking, App};
 use crate::auth::MemoryAccess;
 use crate::bounds::MAX_PAGE;
@@ -32,6 +34,9 @@ pub struct Recalled {
     pub similarity: f32,
     /// For a short memory, the one before it in its session.
     pub context: Option<MemoryRecord>,
+    /// For a passage of a longer message, the passages just before and after it.
+    pub before: Option<(MemoryId, MemoryRecord)>,
+    pub after: Option<(MemoryId, MemoryRecord)>,
 }
 
 pub struct SearchRequest {
@@ -59,10 +64,21 @@ pub struct SearchResult {
 pub struct VaultStats {
     pub count: usize,
     pub bytes: usize,
+    /// The memories' text in estimated tokens (four characters a token).
+    pub tokens: usize,
     pub oldest_ms: Option<i64>,
     pub newest_ms: Option<i64>,
     pub sessions: usize,
     pub pending: usize,
+}
+
+/// A vault's index, loaded.
+pub struct Warmed {
+    /// Memories in the index.
+    pub memories: usize,
+    /// Memories stored and waiting for their vectors.
+    pub pending: usize,
+    pub took: std::time::Duration,
 }
 
 /// What a search filters on, applied to a record or to the index's metadata alike.
@@ -97,11 +113,14 @@ impl Filter {
 }
 
 impl App {
-    /// With a query: the best matches, ranked. Without: every memory in storage order, a
-    /// page at a time, so that an export loop can pull a whole vault.
+    /// With a query: the best matches, ranked (the request's session lifted). Without: every
+    /// memory in storage order, a page at a time, so that an export loop can pull a whole
+    /// vault. `session_id` in the request filters; a request confined to its session sees
+    /// only that session either way.
     pub async fn search(
         self: &Arc<Self>,
         access: &MemoryAccess,
+        session: &SessionScope,
         request: SearchRequest,
     ) -> Result<SearchResult, ApiError> {
         access.require(Scope::Read)?;
@@ -109,8 +128,21 @@ impl App {
         if let Some(session) = &request.session_id {
             check_label(session, "session_id")?;
         }
+        let confined = session.confined_to(access).map(str::to_owned);
+        if let (Some(asked), Some(own)) = (&request.session_id, &confined) {
+            if asked != own {
+                return Err(ApiError::invalid(
+                    "under session isolation a request sees only its own session: \
+                     `session_id` must be the request's X-Session-ID",
+                ));
+            }
+        }
+        let lifted = session
+            .id
+            .clone()
+            .filter(|_| request.session_id.is_none() && confined.is_none());
         let filter = Filter {
-            session_id: request.session_id,
+            session_id: request.session_id.or(confined),
             tags: request.tags,
             since_ms: request.since_ms,
             until_ms: request.until_ms,
@@ -132,10 +164,10 @@ impl App {
                     ));
                 }
                 let chars = query.chars().count();
-                if query.trim().is_empty() || chars > limits.max_message_chars {
+                if query.trim().is_empty() || chars > limits.max_query_chars {
                     return Err(ApiError::invalid(format!(
                         "`query` must be 1 to {} characters and not blank",
-                        limits.max_message_chars
+                        limits.max_query_chars
                     )));
                 }
                 let (vector, _) = self.embed_query(&query).await?;
@@ -144,9 +176,11 @@ impl App {
                 } else {
                     Some(Box::new(move |meta: &EntryMeta| filter.accepts(meta)))
                 };
-                let recalled = self
+                let mut recalled = self
                     .recall(vault, &query, vector, limit, keep, false)
                     .await?;
+                let boost = self.config.retrieval.session_boost;
+                lift_session(&mut recalled, lifted.as_deref(), boost);
                 Ok(SearchResult {
                     memories: recalled
                         .into_iter()
@@ -212,6 +246,7 @@ impl App {
             let mut stats = VaultStats {
                 count: 0,
                 bytes: 0,
+                tokens: 0,
                 oldest_ms: None,
                 newest_ms: None,
                 sessions: 0,
@@ -225,6 +260,7 @@ impl App {
                 for (_, record) in page {
                     stats.count += 1;
                     stats.bytes += record.content.len();
+                    stats.tokens += estimate_tokens(&record.content);
                     let at = record.created_at_ms;
                     stats.oldest_ms = Some(stats.oldest_ms.map_or(at, |o| o.min(at)));
                     stats.newest_ms = Some(stats.newest_ms.map_or(at, |n| n.max(at)));
@@ -239,6 +275,28 @@ impl App {
             }
             stats.sessions = sessions.len();
             Ok(stats)
+        })
+        .await
+    }
+
+    /// Loads the vault's index now, so the first prepare does not wait for it. Returns how
+    /// many memories it holds, and how many more wait for their vectors.
+    pub async fn warmup(self: &Arc<Self>, access: &MemoryAccess) -> Result<Warmed, ApiError> {
+        access.require(Scope::Read)?;
+        let vault = access.vault;
+        let lock = self.locks.of(vault);
+        let shared = lock.read_owned().await;
+        let cipher = self.cipher(vault)?;
+        let (store, indexes) = (self.store.clone(), self.indexes.clone());
+        blocking(move || {
+            let _shared = shared;
+            let started = Instant::now();
+            let memories = indexes.with_index(store.as_ref(), vault, &cipher, |i| i.len())?;
+            Ok(Warmed {
+                memories,
+                pending: store.vault_pending_count(vault),
+                took: started.elapsed(),
+            })
         })
         .await
     }
@@ -323,16 +381,32 @@ impl App {
                 let Some(record) = read(hit.id) else {
                     continue;
                 };
-                let context = match hit.previous {
-                    Some(previous) if is_short_turn(&record.content) => read(previous),
-                    _ => None,
-                };
+                let (mut context, mut before, mut after) = (None, None, None);
+                match record.passage {
+                    // A passage's neighbours in its session are its message's other passages.
+                    Some(passage) => {
+                        let sibling = |id: Option<MemoryId>| {
+                            let id = id?;
+                            let record = read(id)?;
+                            let same = record.passage.is_some_and(|p| p.message == passage.message);
+                            same.then_some((id, record))
+                        };
+                        before = sibling(hit.previous);
+                        after = sibling(hit.next);
+                    }
+                    None if is_short_turn(&record.content) => {
+                        context = hit.previous.and_then(read);
+                    }
+                    None => {}
+                }
                 recalled.push(Recalled {
                     id: hit.id,
                     record,
                     score: hit.score,
                     similarity: hit.similarity,
                     context,
+                    before,
+                    after,
                 });
             }
             Ok(recalled)

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::audit::Audited;
 use super::ingest::{check_label, check_tags, merge_tags};
+use super::session::SessionScope;
 use super::App;
 use crate::auth::{Access, MemoryAccess};
 use crate::bounds::{MAX_LISTED_ERRORS, MAX_UPLOAD_LINES, UPLOAD_CHUNK};
@@ -30,6 +31,8 @@ pub struct LineError {
     pub message: String,
 }
 
+/// `total`, `processed` and `failed` count lines; `stored` and `duplicates` count memories (a
+/// long line is stored as one memory per passage).
 pub struct UploadResult {
     pub total: usize,
     pub processed: usize,
@@ -54,10 +57,12 @@ impl UploadResult {
 }
 
 impl App {
-    /// Imports history; durable before the answer.
+    /// Imports history; durable before the answer. Lines without a session of their own go
+    /// into the request's; a request confined to its session may write only into it.
     pub async fn upload(
         self: &Arc<Self>,
         access: &MemoryAccess,
+        session: &SessionScope,
         lines: Vec<(usize, Result<UploadLine, ApiError>)>,
     ) -> Result<UploadResult, ApiError> {
         let mut audited = Audited {
@@ -65,7 +70,7 @@ impl App {
             ..Audited::default()
         };
         let actor = Access::Memory(access.clone());
-        let result = self.upload_inner(access, lines).await;
+        let result = self.upload_inner(access, session, lines).await;
         if let Ok(done) = &result {
             for (name, value) in [
                 ("total", done.total),
@@ -82,6 +87,7 @@ impl App {
     async fn upload_inner(
         self: &Arc<Self>,
         access: &MemoryAccess,
+        session: &SessionScope,
         lines: Vec<(usize, Result<UploadLine, ApiError>)>,
     ) -> Result<UploadResult, ApiError> {
         access.require(Scope::Write)?;
@@ -95,7 +101,7 @@ impl App {
             });
         }
         let now = self.now_ms();
-        let max_chars = self.config.limits.max_message_chars;
+        let confined = session.confined_to(access);
         let mut result = UploadResult {
             total: lines.len(),
             processed: 0,
@@ -104,22 +110,38 @@ impl App {
             failed: 0,
             errors: Vec::new(),
         };
-        let mut valid: Vec<(usize, NewMemory)> = Vec::new();
+        // Each valid line's memories (one, or one per passage of a long line).
+        let mut valid: Vec<(usize, Vec<NewMemory>)> = Vec::new();
         for (line, parsed) in lines {
             let checked = parsed
                 .map_err(|error| (error.code(), error.to_string()))
-                .and_then(|line| check_upload_line(line, max_chars, now));
+                .and_then(|mut parsed| {
+                    match (&parsed.session_id, confined) {
+                        (Some(own), Some(only)) if own != only => {
+                            return Err(invalid(ApiError::invalid(
+                                "under session isolation every line goes into the request's \
+                                 session: leave out `session_id` or give the same",
+                            )))
+                        }
+                        (None, _) => parsed.session_id = session.id.clone(),
+                        _ => {}
+                    }
+                    let (explicit, record) = check_upload_line(parsed, now)?;
+                    self.as_passages(0, record, explicit)
+                        .map_err(|error| (error.code(), error.to_string()))
+                });
             match checked {
-                Ok(memory) => valid.push((line, memory)),
+                Ok(memories) => valid.push((line, memories)),
                 Err((code, message)) => result.fail(line, code, message),
             }
         }
         let lock = self.locks.of(access.vault);
         let _shared = lock.read().await;
-        for chunk in valid.chunks(UPLOAD_CHUNK) {
+        for chunk in line_chunks(&valid, UPLOAD_CHUNK) {
             let memories: Vec<NewMemory> = chunk
                 .iter()
-                .map(|(_, m)| NewMemory {
+                .flat_map(|(_, memories)| memories)
+                .map(|m| NewMemory {
                     record: m.record.clone(),
                     explicit_timestamp: m.explicit_timestamp,
                 })
@@ -127,7 +149,7 @@ impl App {
             match self.store_memories(access.vault, memories).await {
                 Ok(outcome) => {
                     let stored = outcome.iter().filter(|(_, new)| *new).count();
-                    result.processed += outcome.len();
+                    result.processed += chunk.len();
                     result.stored += stored;
                     result.duplicates += outcome.len() - stored;
                 }
@@ -146,35 +168,54 @@ impl App {
     }
 }
 
-/// Turns an upload line into a memory, or gives the error code and message for it.
+/// Whole lines, in order, grouped so that each group holds about `memories` memories (a line
+/// is never split across two groups, so a refused group refuses whole lines).
+fn line_chunks(
+    lines: &[(usize, Vec<NewMemory>)],
+    memories: usize,
+) -> Vec<&[(usize, Vec<NewMemory>)]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut held) = (0, 0);
+    for (at, (_, line)) in lines.iter().enumerate() {
+        if held > 0 && held + line.len() > memories {
+            chunks.push(&lines[start..at]);
+            (start, held) = (at, 0);
+        }
+        held += line.len();
+    }
+    if start < lines.len() {
+        chunks.push(&lines[start..]);
+    }
+    chunks
+}
+
+/// A refusal as an upload line's error: its code and message.
+fn invalid(error: ApiError) -> (&'static str, String) {
+    (error.code(), error.to_string())
+}
+
+/// Turns an upload line into a memory record (and whether it was dated), or gives the error
+/// code and message for it. `system` lines are taken, as MemoryRouter takes them; other roles
+/// than user, assistant and system are not memory.
 fn check_upload_line(
     line: UploadLine,
-    max_chars: usize,
     now: i64,
-) -> Result<NewMemory, (&'static str, String)> {
-    let invalid = |error: ApiError| (error.code(), error.to_string());
-    let chars = line.content.chars().count();
+) -> Result<(bool, MemoryRecord), (&'static str, String)> {
     if line.content.trim().is_empty() {
         return Err(invalid(ApiError::invalid("`content` is empty")));
     }
-    if chars > max_chars {
-        return Err((
-            "message_too_long",
-            format!("`content` has {chars} characters; the maximum is {max_chars}"),
-        ));
-    }
-    if !line.role.is_remembered() {
+    if !(line.role.is_remembered() || line.role == Role::System) {
         return Err(invalid(ApiError::invalid(
-            "`role` must be user or assistant: only what they said becomes memory",
+            "`role` must be user, assistant or system: only what they said becomes memory",
         )));
     }
     if let Some(session) = &line.session_id {
         check_label(session, "session_id").map_err(invalid)?;
     }
     check_tags(&line.tags, "tags").map_err(invalid)?;
-    Ok(NewMemory {
-        explicit_timestamp: line.timestamp_ms.is_some(),
-        record: MemoryRecord {
+    Ok((
+        line.timestamp_ms.is_some(),
+        MemoryRecord {
             content: line.content,
             role: line.role.as_str().to_owned(),
             session_id: line.session_id,
@@ -182,6 +223,7 @@ fn check_upload_line(
             model: None,
             tags: merge_tags(&[], &line.tags),
             digest: String::new(),
+            passage: None,
         },
-    })
+    ))
 }

@@ -8,6 +8,7 @@
 //! stops accepting, lets in-flight requests finish within a deadline, and answers any request
 //! that arrives meanwhile with 503 `shutting_down`.
 
+mod mcp;
 mod request;
 mod response;
 mod routes;
@@ -32,7 +33,8 @@ use tokio::sync::Semaphore;
 
 pub use self::request::{credential, session_id};
 use self::response::error_response;
-use self::routes::{dispatch, Route};
+use self::routes::dispatch;
+pub use self::routes::Route;
 use crate::app::App;
 use crate::bounds::MAX_HEAD_BYTES;
 pub use crate::config::HttpConfig;

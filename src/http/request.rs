@@ -8,16 +8,25 @@ use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::Request;
 
 use crate::app::App;
+use crate::auth::{Mode, KEY_PREFIX};
 use crate::bounds::{MAX_CREDENTIAL_LEN, MAX_LABEL_CHARS, MAX_QUERY_PARAMS};
 use crate::error::ApiError;
 
-/// Media types an upload may declare: JSON Lines by any of its common names.
+/// Media types an upload may declare: JSON Lines by any of its common names, and what
+/// MemoryRouter's own clients send (`text/plain`, or curl's default), and none at all.
 pub const JSONL_TYPES: &[&str] = &[
     "application/x-ndjson",
     "application/jsonl",
     "application/x-jsonlines",
     "application/json-lines",
+    "text/plain",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+    "",
 ];
+
+/// Media types a JSON route accepts: JSON, or none declared.
+pub const JSON_TYPES: &[&str] = &["application/json", ""];
 
 /// A URL's query parameters, checked against the names a route knows.
 pub struct QueryParams(Vec<(String, String)>);
@@ -86,22 +95,49 @@ impl QueryParams {
     }
 }
 
-/// The memory or admin key: `X-Memory-Key` first (so a caller may keep a provider key in
-/// `Authorization`), then `Authorization: Bearer`, then `x-api-key`.
+/// The memory or admin key, from `X-Memory-Key`, `Authorization: Bearer` or `x-api-key`. The
+/// first of them (in that order) holding a memory key (`mk_...`) wins, so that a caller may
+/// keep a provider key in `Authorization` and a gateway may send an empty `X-Memory-Key`
+/// templated from an unset variable. Failing that, the first one given (the admin key, or a
+/// key to refuse). Empty headers count as absent.
 pub fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let raw = if let Some(value) = headers.get("x-memory-key") {
-        value.to_str().map_err(|_| ApiError::InvalidKey)?.trim()
-    } else if let Some(value) = headers.get(AUTHORIZATION) {
-        let text = value.to_str().map_err(|_| ApiError::InvalidKey)?;
+    let candidates = [
+        header_credential(headers, "x-memory-key", false),
+        header_credential(headers, AUTHORIZATION.as_str(), true),
+        header_credential(headers, "x-api-key", false),
+    ];
+    let mut first = None;
+    for candidate in candidates {
+        match candidate {
+            Ok(Some(text)) if text.starts_with(KEY_PREFIX) => return Ok(Some(text)),
+            Ok(None) => {}
+            other => {
+                first.get_or_insert(other);
+            }
+        }
+    }
+    first.unwrap_or(Ok(None))
+}
+
+/// One header's credential: `None` when absent or empty; `invalid_key` when it cannot be one
+/// (not text, too long, or an `Authorization` that is not `Bearer`).
+fn header_credential(
+    headers: &HeaderMap,
+    name: &str,
+    bearer: bool,
+) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| ApiError::InvalidKey)?.trim();
+    let raw = if bearer && !text.is_empty() {
         let (scheme, token) = text.split_once(' ').ok_or(ApiError::InvalidKey)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::InvalidKey);
         }
         token.trim()
-    } else if let Some(value) = headers.get("x-api-key") {
-        value.to_str().map_err(|_| ApiError::InvalidKey)?.trim()
     } else {
-        return Ok(None);
+        text
     };
     if raw.is_empty() {
         return Ok(None);
@@ -110,6 +146,44 @@ pub fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         return Err(ApiError::InvalidKey);
     }
     Ok(Some(raw.to_owned()))
+}
+
+/// `X-Session-Isolation`: `on`/`true` confines the request to its session, `off`/`false` does
+/// not; absent leaves the key's default.
+pub fn session_isolation(headers: &HeaderMap) -> Result<Option<bool>, ApiError> {
+    match headers.get("x-session-isolation").map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok("on" | "true")) => Ok(Some(true)),
+        Some(Ok("off" | "false")) => Ok(Some(false)),
+        Some(_) => Err(ApiError::invalid(
+            "X-Session-Isolation must be on, off, true or false",
+        )),
+    }
+}
+
+/// The mode the request's memory headers leave: `X-Memory-Mode` (`full`, `read`, `write`,
+/// `off`) and `X-Memory-Store: false` only ever narrow the key's own.
+pub fn memory_mode(headers: &HeaderMap) -> Result<Mode, ApiError> {
+    let mut mode = Mode::FULL;
+    if let Some(value) = headers.get("x-memory-mode") {
+        let text = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        mode = Mode::parse(&text)
+            .ok_or_else(|| ApiError::invalid("X-Memory-Mode must be full, read, write or off"))?;
+    }
+    if let Some(value) = headers.get("x-memory-store") {
+        match value
+            .to_str()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "true" => {}
+            "false" => mode.store = false,
+            _ => return Err(ApiError::invalid("X-Memory-Store must be true or false")),
+        }
+    }
+    Ok(mode)
 }
 
 pub fn session_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -128,36 +202,24 @@ pub fn session_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(text.to_owned()))
 }
 
-/// Reads a JSON body within `max_bytes`.
+/// Reads a JSON body (declared so, or undeclared) within `max_bytes`.
 pub async fn read_json_body(
     app: &App,
     request: Request<Incoming>,
     max_bytes: usize,
 ) -> Result<Bytes, ApiError> {
-    read_body(app, request, &["application/json"], max_bytes).await
+    read_body(app, request, JSON_TYPES, max_bytes).await
 }
 
-/// Reads a JSON body that may be left out: an empty body reads as `{}`, whatever its declared
-/// type; a non-empty one must be JSON.
+/// Reads a JSON body that may be left out: an empty body reads as `{}`.
 pub async fn read_optional_json_body(
     app: &App,
     request: Request<Incoming>,
     max_bytes: usize,
 ) -> Result<Bytes, ApiError> {
-    let typed = request.headers().contains_key(CONTENT_TYPE);
-    let body = if typed {
-        read_json_body(app, request, max_bytes).await?
-    } else {
-        collect_body(app, request, max_bytes).await?
-    };
+    let body = read_json_body(app, request, max_bytes).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Bytes::from_static(b"{}"));
-    }
-    if !typed {
-        return Err(ApiError::UnsupportedMediaType {
-            expected: "application/json",
-            got: String::new(),
-        });
     }
     Ok(body)
 }
@@ -186,6 +248,7 @@ pub async fn read_body(
             got: media_type.chars().take(100).collect(),
         });
     }
+
     collect_body(app, request, max_bytes).await
 }
 

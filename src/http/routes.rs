@@ -8,20 +8,26 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::request::{
-    credential, read_body, read_json_body, read_optional_json_body, session_id, QueryParams,
-    JSONL_TYPES,
+    credential, memory_mode, read_body, read_json_body, read_optional_json_body, session_id,
+    session_isolation, QueryParams, JSONL_TYPES,
 };
 use super::response::{empty, json, server_timing};
-use super::{wire, Server};
+use super::{mcp, wire, Server};
 use crate::app::keys::KeyQuery;
+use crate::app::session::SessionScope;
 use crate::app::{blocking, App};
 use crate::auth::{Access, MemoryAccess};
-use crate::bounds::{MAX_PARAM_CHARS, MAX_UPLOAD_LINES};
+use crate::bounds::{MAX_MCP_MESSAGE_BYTES, MAX_PARAM_CHARS, MAX_UPLOAD_LINES};
 use crate::error::ApiError;
 use crate::ids::{KeyId, Scope};
 
+/// The OpenAPI 3.1 description of every route, served at `GET /openapi.json` (and checked
+/// against this table by `tests/openapi.rs`).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
+    Health,
     Healthz,
     Readyz,
     Metrics,
@@ -33,10 +39,13 @@ pub enum Route {
     Search,
     Upload,
     Stats,
+    Warmup,
     Memory,
     MemoryItem,
     Vault,
     Audit,
+    Mcp,
+    OpenApi,
     Unknown,
 }
 
@@ -47,6 +56,7 @@ impl Route {
         // `DELETE /v1/memory` (the whole vault).
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         match segments.as_slice() {
+            ["health"] => (Route::Health, None),
             ["healthz"] => (Route::Healthz, None),
             ["readyz"] => (Route::Readyz, None),
             ["metrics"] => (Route::Metrics, None),
@@ -59,15 +69,19 @@ impl Route {
             ["v1", "memory", "search"] => (Route::Search, None),
             ["v1", "memory", "upload"] => (Route::Upload, None),
             ["v1", "memory", "stats"] => (Route::Stats, None),
+            ["v1", "memory", "warmup"] => (Route::Warmup, None),
             ["v1", "memory", id] => (Route::MemoryItem, Some(id)),
             ["v1", "vaults", id] => (Route::Vault, Some(id)),
             ["v1", "audit"] => (Route::Audit, None),
+            ["mcp"] => (Route::Mcp, None),
+            ["openapi.json"] => (Route::OpenApi, None),
             _ => (Route::Unknown, None),
         }
     }
 
     pub fn label(self) -> &'static str {
         match self {
+            Route::Health => "health",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
@@ -79,10 +93,13 @@ impl Route {
             Route::Search => "search",
             Route::Upload => "upload",
             Route::Stats => "stats",
+            Route::Warmup => "warmup",
             Route::Memory => "memory",
             Route::MemoryItem => "memory_item",
             Route::Vault => "vault",
             Route::Audit => "audit",
+            Route::Mcp => "mcp",
+            Route::OpenApi => "openapi",
             Route::Unknown => "unknown",
         }
     }
@@ -90,14 +107,99 @@ impl Route {
     /// The methods a route answers, as the `Allow` header lists them.
     pub fn allowed(self) -> &'static str {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::Stats | Route::Audit => "GET",
+            Route::Health
+            | Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::Stats
+            | Route::Audit
+            | Route::OpenApi => "GET",
             Route::Keys => "GET, POST",
             Route::Key => "GET, DELETE",
-            Route::KeyRotate | Route::Prepare | Route::Ingest | Route::Search | Route::Upload => {
-                "POST"
-            }
+            Route::KeyRotate
+            | Route::Prepare
+            | Route::Ingest
+            | Route::Search
+            | Route::Upload
+            | Route::Warmup
+            | Route::Mcp => "POST",
             Route::Memory | Route::MemoryItem | Route::Vault => "DELETE",
             Route::Unknown => "",
+        }
+    }
+
+    /// Every route with a path, in table order.
+    pub const ALL: [Route; 19] = [
+        Route::Health,
+        Route::Healthz,
+        Route::Readyz,
+        Route::Metrics,
+        Route::OpenApi,
+        Route::Keys,
+        Route::Key,
+        Route::KeyRotate,
+        Route::Prepare,
+        Route::Ingest,
+        Route::Search,
+        Route::Upload,
+        Route::Stats,
+        Route::Warmup,
+        Route::Memory,
+        Route::MemoryItem,
+        Route::Vault,
+        Route::Audit,
+        Route::Mcp,
+    ];
+
+    /// The route's path as OpenAPI writes it (`None` for no route).
+    pub fn template(self) -> Option<&'static str> {
+        Some(match self {
+            Route::Health => "/health",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::OpenApi => "/openapi.json",
+            Route::Keys => "/v1/keys",
+            Route::Key => "/v1/keys/{id}",
+            Route::KeyRotate => "/v1/keys/{id}/rotate",
+            Route::Prepare => "/v1/memory/prepare",
+            Route::Ingest => "/v1/memory/ingest",
+            Route::Search => "/v1/memory/search",
+            Route::Upload => "/v1/memory/upload",
+            Route::Stats => "/v1/memory/stats",
+            Route::Warmup => "/v1/memory/warmup",
+            Route::Memory => "/v1/memory",
+            Route::MemoryItem => "/v1/memory/{id}",
+            Route::Vault => "/v1/vaults/{id}",
+            Route::Audit => "/v1/audit",
+            Route::Mcp => "/mcp",
+            Route::Unknown => return None,
+        })
+    }
+
+    /// Every status `method` on this route can be answered with (wrong methods aside: 405).
+    /// The OpenAPI document lists exactly these (`tests/openapi.rs`).
+    pub fn statuses(self, method: &str) -> &'static [u16] {
+        // Keyed routes: 400 a bad request, 401 the key, 403 its scope, 429 rate or load, 500
+        // internal, 503 not ready, stopping, storage or time; with a body, 413 and 415 too.
+        match (self, method) {
+            (Route::Health | Route::Healthz | Route::Metrics | Route::OpenApi, _) => &[200],
+            (Route::Readyz, _) => &[200, 503],
+            (Route::Keys, "POST") => &[201, 400, 401, 403, 404, 409, 413, 415, 429, 500, 503],
+            (Route::Keys, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
+            (Route::Key, "DELETE") => &[204, 400, 401, 403, 404, 429, 500, 503],
+            (Route::Key, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
+            (Route::KeyRotate, _) => &[201, 400, 401, 403, 404, 409, 413, 415, 429, 500, 503],
+            (Route::Prepare | Route::Search, _) => &[200, 400, 401, 403, 413, 415, 429, 500, 503],
+            (Route::Ingest, _) => &[202, 400, 401, 403, 409, 413, 415, 429, 500, 503],
+            (Route::Upload, _) => &[200, 400, 401, 403, 409, 413, 415, 429, 500, 503],
+            (Route::Stats | Route::Warmup | Route::Memory | Route::Audit, _) => {
+                &[200, 400, 401, 403, 429, 500, 503]
+            }
+            (Route::MemoryItem, _) => &[204, 400, 401, 403, 404, 429, 500, 503],
+            (Route::Vault, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
+            (Route::Mcp, _) => &[200, 202, 400, 401, 403, 413, 415, 429, 500, 503],
+            (Route::Unknown, _) => &[404],
         }
     }
 
@@ -131,12 +233,27 @@ pub(super) async fn dispatch(
     }
     match route {
         Route::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        // MemoryRouter's liveness route and answer.
+        Route::Health => {
+            let timestamp = wire::rfc3339(app.now_ms());
+            return Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "healthy", "timestamp": timestamp}),
+            ));
+        }
         Route::Readyz => {
             app.check_ready()?;
             return Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({"status": "ready"}),
             ));
+        }
+        Route::OpenApi => {
+            let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(response);
         }
         Route::Metrics => {
             let scraped = app.clone();
@@ -223,8 +340,10 @@ pub(super) async fn dispatch(
             let (access, session) = memory_caller(app, credential, &request).await?;
             let body = read_json_body(app, request, max_body).await?;
             let max_messages = app.config().limits.max_messages;
-            let prepare = wire::parse::<wire::WirePrepare>(&body)?.into_request(max_messages)?;
-            let result = app.prepare(&access, session.as_deref(), prepare).await?;
+            let (prepare, said) =
+                wire::parse::<wire::WirePrepare>(&body)?.into_request(max_messages)?;
+            let session = with_body(session, said);
+            let result = app.prepare(&access, &session, prepare).await?;
             let mut response = json(StatusCode::OK, &wire::WirePrepared::from(&result));
             response
                 .headers_mut()
@@ -236,8 +355,10 @@ pub(super) async fn dispatch(
             let (access, session) = memory_caller(app, credential, &request).await?;
             let body = read_json_body(app, request, max_body).await?;
             let max_messages = app.config().limits.max_messages;
-            let ingest = wire::parse::<wire::WireIngest>(&body)?.into_request(max_messages)?;
-            let result = app.ingest(&access, session.as_deref(), ingest).await?;
+            let (ingest, said) =
+                wire::parse::<wire::WireIngest>(&body)?.into_request(max_messages)?;
+            let session = with_body(session, said);
+            let result = app.ingest(&access, &session, ingest).await?;
             let ids: Vec<String> = result.ids.iter().map(ToString::to_string).collect();
             Ok(json(
                 StatusCode::ACCEPTED,
@@ -246,22 +367,22 @@ pub(super) async fn dispatch(
         }
         (Route::Search, _) => {
             query.only(&[])?;
-            let access = app.memory_access(credential).await?;
+            let (access, session) = memory_caller(app, credential, &request).await?;
             access.require(Scope::Read)?;
             let body = read_json_body(app, request, max_body).await?;
             let search = wire::parse::<wire::WireSearch>(&body)?.into_request()?;
-            let result = app.search(&access, search).await?;
+            let result = app.search(&access, &session, search).await?;
             Ok(json(StatusCode::OK, &wire::WireSearchResult::from(&result)))
         }
         (Route::Upload, _) => {
             query.only(&[])?;
-            let access = app.memory_access(credential).await?;
+            let (access, session) = memory_caller(app, credential, &request).await?;
             // Refused before up to 16 MiB is read and parsed.
             access.require(Scope::Write)?;
             let max_bytes = server.config.max_upload_bytes;
             let body = read_body(app, request, JSONL_TYPES, max_bytes).await?;
             let lines = wire::upload_lines(&body, MAX_UPLOAD_LINES)?;
-            let result = app.upload(&access, lines).await?;
+            let result = app.upload(&access, &session, lines).await?;
             Ok(json(StatusCode::OK, &wire::upload_result(&result)))
         }
         (Route::Stats, _) => {
@@ -270,10 +391,18 @@ pub(super) async fn dispatch(
             let stats = app.stats(&access).await?;
             Ok(json(StatusCode::OK, &wire::stats(&stats)))
         }
-        (Route::Memory, _) => {
+        (Route::Warmup, _) => {
             query.only(&[])?;
+            let access = app.memory_access(credential).await?;
+            let warmed = app.warmup(&access).await?;
+            Ok(json(StatusCode::OK, &wire::warmed(&warmed)))
+        }
+        (Route::Memory, _) => {
+            // `reset=true`: MemoryRouter's "full reset", the whole vault whatever the session.
+            query.only(&["reset"])?;
+            let reset = query.boolean("reset")?.unwrap_or(false);
             let (access, session) = memory_caller(app, credential, &request).await?;
-            match session {
+            match session.id.filter(|_| !reset) {
                 Some(session) => {
                     let deleted = app.delete_session(&access, &session).await?;
                     Ok(json(
@@ -324,18 +453,54 @@ pub(super) async fn dispatch(
             let (entries, next) = app.audit_log(&admin, cursor, limit).await?;
             Ok(json(StatusCode::OK, &wire::audit_page(&entries, next)))
         }
-        (Route::Healthz | Route::Readyz | Route::Metrics | Route::Unknown, _) => {
+        (Route::Mcp, _) => {
+            query.only(&[])?;
+            let (access, _) = memory_caller(app, credential, &request).await?;
+            let max_bytes = max_body.min(MAX_MCP_MESSAGE_BYTES);
+            let body = read_json_body(app, request, max_bytes).await?;
+            Ok(match mcp::handle(app, access, &body).await {
+                mcp::Answer::Response(message) => json(StatusCode::OK, &message),
+                mcp::Answer::Accepted => empty(StatusCode::ACCEPTED),
+            })
+        }
+        (
+            Route::Health
+            | Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::OpenApi
+            | Route::Unknown,
+            _,
+        ) => {
             unreachable!("answered above")
         }
     }
 }
 
-/// A memory key's capability and the request's session.
+/// A memory key's capability, narrowed by the request's memory headers, and the request's
+/// session as its headers give it.
 async fn memory_caller(
     app: &std::sync::Arc<App>,
     credential: Option<&str>,
     request: &Request<Incoming>,
-) -> Result<(MemoryAccess, Option<String>), ApiError> {
-    let access = app.memory_access(credential).await?;
-    Ok((access, session_id(request.headers())?))
+) -> Result<(MemoryAccess, SessionScope), ApiError> {
+    let mut access = app.memory_access(credential).await?;
+    let headers = request.headers();
+    access.mode = access.mode.and(memory_mode(headers)?);
+    let session = SessionScope {
+        id: session_id(headers)?,
+        isolation: session_isolation(headers)?,
+    };
+    Ok((access, session))
+}
+
+/// The session as the body says it, where it says it: the body wins over the headers.
+fn with_body(mut session: SessionScope, body: wire::BodySession) -> SessionScope {
+    if body.id.is_some() {
+        session.id = body.id;
+    }
+    if body.isolation.is_some() {
+        session.isolation = body.isolation;
+    }
+    session
 }

@@ -43,8 +43,9 @@ pub struct Ranked {
     pub similarity: f32,
     /// BM25 score of its window.
     pub lexical: f32,
-    /// The memory before it in its session, if any.
+    /// The memories before and after it in its session, if any.
     pub previous: Option<MemoryId>,
+    pub next: Option<MemoryId>,
 }
 
 /// Mixes two score lists, each standardised to mean 0 and deviation 1 first (so their scales
@@ -172,6 +173,9 @@ impl VaultIndex {
                 similarity: similarity[i],
                 lexical: lexical_of[i],
                 previous: previous
+                    .filter(|p| live(*p as usize))
+                    .map(|p| self.ids[p as usize]),
+                next: next
                     .filter(|p| live(*p as usize))
                     .map(|p| self.ids[p as usize]),
             });

@@ -15,6 +15,7 @@ pub fn message(content: &str) -> NewMemory {
             model: None,
             tags: Vec::new(),
             digest: String::new(),
+            passage: None,
         },
         explicit_timestamp: false,
     }
@@ -36,6 +37,7 @@ pub fn key_record(id: &str, vault: VaultId, name: &str) -> KeyRecord {
         auto_revoke_at_ms: None,
         rotated_to: None,
         rotated_from: None,
+        session_isolation: false,
     }
 }
 

@@ -100,12 +100,21 @@ fn digest(cipher: &VaultCipher, memory: &NewMemory) -> [u8; 16] {
     let timestamp = memory
         .explicit_timestamp
         .then(|| record.created_at_ms.to_be_bytes());
-    let full = cipher.digest(&[
+    let mut parts: Vec<&[u8]> = vec![
         record.session_id.as_deref().unwrap_or("").as_bytes(),
         record.role.as_bytes(),
         record.content.as_bytes(),
         timestamp.as_ref().map_or(&[][..], |t| &t[..]),
-    ]);
+    ];
+    // A passage is told apart from a message of the same words by where it sits (only then:
+    // the digests of memories stored before passages existed stay what they were).
+    let place = record
+        .passage
+        .map(|p| [p.index.to_be_bytes(), p.count.to_be_bytes()].concat());
+    if let Some(place) = &place {
+        parts.push(place);
+    }
+    let full = cipher.digest(&parts);
     full[..16].try_into().expect("32 >= 16")
 }
 

@@ -42,8 +42,8 @@ pub use self::audit::Audit;
 pub use self::keys::{KeyPage, Keys};
 pub use self::memories::Memories;
 pub use self::records::{
-    AuditEntry, EntryMeta, KeyRecord, KeyStatus, MemoryPage, MemoryRecord, NewMemory, Removed,
-    VaultRecord,
+    AuditEntry, EntryMeta, KeyRecord, KeyStatus, MemoryPage, MemoryRecord, NewMemory, Passage,
+    Removed, VaultRecord,
 };
 pub use self::sled::{SledOptions, SledStore};
 pub use self::vaults::Vaults;

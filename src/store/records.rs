@@ -32,6 +32,9 @@ pub struct KeyRecord {
     pub rotated_to: Option<KeyId>,
     #[serde(default)]
     pub rotated_from: Option<KeyId>,
+    /// Requests with a session see only that session's memories unless they say otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session_isolation: bool,
 }
 
 /// Whether a key may be used at a given moment, and if not, why.
@@ -94,6 +97,19 @@ pub struct MemoryRecord {
     /// The dedup digest (hex), so that deleting the memory can free it.
     #[serde(default)]
     pub digest: String,
+    /// Set when this memory is one passage of a longer message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passage: Option<Passage>,
+}
+
+/// Where a passage sits in the message it was cut from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Passage {
+    /// Shared by the passages of one message (random; not a memory id).
+    pub message: u64,
+    /// From 0.
+    pub index: u16,
+    pub count: u16,
 }
 
 /// What the index keeps beside each vector, so that filters need no record reads. Sealed

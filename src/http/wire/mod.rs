@@ -17,11 +17,11 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 pub use self::requests::{
-    upload_lines, ParsedLine, WireIngest, WireMessage, WireMintKey, WirePrepare, WireRotate,
-    WireSearch,
+    upload_lines, BodySession, ParsedLine, WireIngest, WireMessage, WireMintKey, WirePrepare,
+    WireRotate, WireSearch,
 };
 pub use self::responses::{
-    audit_page, stats, upload_result, WireKeyInfo, WireKeyList, WireMemory, WireMinted,
+    audit_page, stats, upload_result, warmed, WireKeyInfo, WireKeyList, WireMemory, WireMinted,
     WirePrepared, WireSearchResult,
 };
 use crate::bounds::MAX_TIMESTAMP_MS;
@@ -42,7 +42,7 @@ pub fn vault_id(text: &str) -> Result<VaultId, ApiError> {
     })
 }
 
-fn positive_integer(field: &str, value: Option<Value>) -> Result<Option<usize>, ApiError> {
+pub fn positive_integer(field: &str, value: Option<Value>) -> Result<Option<usize>, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
@@ -58,7 +58,7 @@ fn positive_integer(field: &str, value: Option<Value>) -> Result<Option<usize>, 
     }
 }
 
-fn kind_of(value: &Value) -> &'static str {
+pub fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -70,7 +70,7 @@ fn kind_of(value: &Value) -> &'static str {
 }
 
 /// `content` as text: a string, the text parts of an array joined by newlines, or empty.
-fn timestamp_ms(field: &str, value: Option<Value>) -> Result<Option<i64>, ApiError> {
+pub fn timestamp_ms(field: &str, value: Option<Value>) -> Result<Option<i64>, ApiError> {
     let ms = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_i64(),

@@ -7,9 +7,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{kind_of, parse, positive_integer, timestamp_ms, vault_id};
-use crate::app::ingest::{IngestRequest, Message};
+use crate::app::ingest::{check_label, IngestRequest, Message};
 use crate::app::keys::MintRequest;
-use crate::app::prepare::PrepareRequest;
+use crate::app::prepare::{Density, PrepareRequest};
 use crate::app::search::SearchRequest;
 use crate::app::upload::UploadLine;
 use crate::bounds::MAX_LABEL_CHARS;
@@ -38,10 +38,21 @@ pub struct WirePrepare {
     messages: Vec<WireMessage>,
     #[serde(default)]
     limit: Option<Value>,
+    /// MemoryRouter's name for `limit`; 0 means the default.
     #[serde(default)]
-    max_tokens: Option<Value>,
+    context_limit: Option<Value>,
+    #[serde(default)]
+    context_tokens: Option<Value>,
+    #[serde(default)]
+    density: Option<Value>,
     #[serde(default)]
     tags: Vec<String>,
+    #[serde(default)]
+    session_id: Option<Value>,
+    #[serde(default)]
+    session_isolation: Option<Value>,
+    // `max_tokens`, if any, is the forwarded chat request's model setting, not ours: ignored
+    // like every other unknown field.
 }
 
 #[derive(Deserialize)]
@@ -51,11 +62,24 @@ pub struct WireIngest {
     model: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
+    #[serde(default)]
+    session_id: Option<Value>,
+}
+
+/// What a request body says of its session: its id (winning over `X-Session-ID`) and
+/// whether it is to be confined to it.
+#[derive(Default)]
+pub struct BodySession {
+    pub id: Option<String>,
+    pub isolation: Option<bool>,
 }
 
 #[derive(Deserialize)]
 pub struct WireMintKey {
-    name: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    session_isolation: Option<bool>,
     #[serde(default)]
     scopes: Option<Vec<String>>,
     #[serde(default)]
@@ -90,6 +114,7 @@ impl WireMintKey {
             scopes,
             expires_days,
             vault,
+            session_isolation: self.session_isolation.unwrap_or(false),
         })
     }
 }
@@ -199,7 +224,7 @@ fn upload_line(line: &[u8]) -> Result<UploadLine, ApiError> {
     let role = match wire.role.as_deref() {
         None => Role::User,
         Some(text) => Role::parse(text)
-            .ok_or_else(|| ApiError::invalid("`role` must be user or assistant"))?,
+            .ok_or_else(|| ApiError::invalid("`role` must be user, assistant or system"))?,
     };
     Ok(UploadLine {
         content,
@@ -272,18 +297,46 @@ fn messages(wire: Vec<WireMessage>, max_messages: usize) -> Result<Vec<Message>,
 }
 
 impl WirePrepare {
-    pub fn into_request(self, max_messages: usize) -> Result<PrepareRequest, ApiError> {
-        Ok(PrepareRequest {
+    pub fn into_request(
+        self,
+        max_messages: usize,
+    ) -> Result<(PrepareRequest, BodySession), ApiError> {
+        let limit = match positive_integer("limit", self.limit)? {
+            Some(limit) => Some(limit),
+            None => positive_integer("context_limit", self.context_limit)?.filter(|n| *n > 0),
+        };
+        let density = match self.density {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => Some(Density::parse(&text).ok_or_else(|| {
+                ApiError::invalid("`density` must be low, default, high or xhigh")
+            })?),
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "`density` must be low, default, high or xhigh, got {}",
+                    kind_of(&other)
+                )))
+            }
+        };
+        let request = PrepareRequest {
             messages: messages(self.messages, max_messages)?,
-            limit: positive_integer("limit", self.limit)?,
-            max_tokens: positive_integer("max_tokens", self.max_tokens)?,
+            limit,
+            context_tokens: positive_integer("context_tokens", self.context_tokens)?,
+            density,
             tags: self.tags,
-        })
+        };
+        let session = BodySession {
+            id: session_field(self.session_id)?,
+            isolation: boolean_field("session_isolation", self.session_isolation)?,
+        };
+        Ok((request, session))
     }
 }
 
 impl WireIngest {
-    pub fn into_request(self, max_messages: usize) -> Result<IngestRequest, ApiError> {
+    pub fn into_request(
+        self,
+        max_messages: usize,
+    ) -> Result<(IngestRequest, BodySession), ApiError> {
         if let Some(model) = &self.model {
             if model.chars().count() > MAX_LABEL_CHARS {
                 return Err(ApiError::invalid(format!(
@@ -291,11 +344,42 @@ impl WireIngest {
                 )));
             }
         }
-        Ok(IngestRequest {
+        let request = IngestRequest {
             messages: messages(self.messages, max_messages)?,
             model: self.model,
             tags: self.tags,
-        })
+        };
+        let session = BodySession {
+            id: session_field(self.session_id)?,
+            isolation: None,
+        };
+        Ok((request, session))
+    }
+}
+
+/// A body's `session_id`: a label (`null` or absent: none).
+fn session_field(value: Option<Value>) -> Result<Option<String>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => {
+            check_label(&text, "session_id")?;
+            Ok(Some(text))
+        }
+        Some(other) => Err(ApiError::invalid(format!(
+            "`session_id` must be a string, got {}",
+            kind_of(&other)
+        ))),
+    }
+}
+
+fn boolean_field(field: &str, value: Option<Value>) -> Result<Option<bool>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(flag)) => Ok(Some(flag)),
+        Some(other) => Err(ApiError::invalid(format!(
+            "`{field}` must be true or false, got {}",
+            kind_of(&other)
+        ))),
     }
 }
 
@@ -332,12 +416,51 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, "b"]},
             {"role": "assistant", "content": null, "tool_calls": []}
         ], "stream": true}"#;
-        let request = parse::<WirePrepare>(body)
+        let (request, _) = parse::<WirePrepare>(body)
             .unwrap()
             .into_request(10)
             .unwrap();
         assert_eq!(request.messages[0].content, "a\nb");
         assert_eq!(request.messages[1].content, "");
+    }
+
+    #[test]
+    fn memoryrouter_fields_map_onto_ours_and_max_tokens_is_not_ours() {
+        let body = br#"{"messages": [{"role": "user", "content": "q"}], "max_tokens": 4,
+            "context_limit": 7, "density": "high", "session_id": "s1", "session_isolation": true}"#;
+        let (request, session) = parse::<WirePrepare>(body)
+            .unwrap()
+            .into_request(10)
+            .unwrap();
+        assert_eq!(request.limit, Some(7));
+        assert_eq!(
+            request.context_tokens, None,
+            "max_tokens is the model's, not the context's"
+        );
+        assert_eq!(request.density, Some(Density::High));
+        assert_eq!(session.id.as_deref(), Some("s1"));
+        assert_eq!(session.isolation, Some(true));
+        // context_limit 0 is MemoryRouter's "default"; an explicit limit wins over it.
+        let body =
+            br#"{"messages": [{"role": "user", "content": "q"}], "context_limit": 0, "limit": 3}"#;
+        let (request, _) = parse::<WirePrepare>(body)
+            .unwrap()
+            .into_request(10)
+            .unwrap();
+        assert_eq!(request.limit, Some(3));
+        let body = br#"{"messages": [{"role": "user", "content": "q"}], "context_limit": 0}"#;
+        let (request, _) = parse::<WirePrepare>(body)
+            .unwrap()
+            .into_request(10)
+            .unwrap();
+        assert_eq!(request.limit, None);
+        let body = br#"{"messages": [{"role": "user", "content": "q"}], "density": "max"}"#;
+        let error = parse::<WirePrepare>(body)
+            .unwrap()
+            .into_request(10)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("low, default, high or xhigh"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::{optional_time, rfc3339};
 use crate::app::keys::{self, KeyInfo, MintedKey};
 use crate::app::prepare::PrepareResult;
-use crate::app::search::{Found, Recalled, SearchResult, VaultStats};
+use crate::app::search::{Found, Recalled, SearchResult, VaultStats, Warmed};
 use crate::app::upload::UploadResult;
 use crate::ids::{KeyId, MemoryId, Scope};
 use crate::store::{AuditEntry, KeyStatus, MemoryRecord};
@@ -23,6 +23,18 @@ pub struct WireMemory<'a> {
     score: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     similarity: Option<f32>,
+    /// For a passage of a longer message: which one, and of how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<WirePart>,
+}
+
+#[derive(Serialize)]
+pub struct WirePart {
+    /// Shared by the passages of one message.
+    message: String,
+    /// From 1.
+    index: u16,
+    count: u16,
 }
 
 impl<'a> WireMemory<'a> {
@@ -37,6 +49,11 @@ impl<'a> WireMemory<'a> {
             created_at: rfc3339(record.created_at_ms),
             score: score.map(|(s, _)| round(s)),
             similarity: score.map(|(_, s)| round(s)),
+            part: record.passage.map(|p| WirePart {
+                message: format!("msg_{:016x}", p.message),
+                index: p.index + 1,
+                count: p.count,
+            }),
         }
     }
 }
@@ -62,6 +79,8 @@ pub struct WirePrepared<'a> {
     context: Option<&'a str>,
     memories: Vec<WireMemory<'a>>,
     tokens: usize,
+    /// How many memories the context holds (MemoryRouter's name; the length of `memories`).
+    memories_found: usize,
 }
 
 impl<'a> From<&'a PrepareResult> for WirePrepared<'a> {
@@ -70,6 +89,7 @@ impl<'a> From<&'a PrepareResult> for WirePrepared<'a> {
             context: result.context.as_deref(),
             memories: result.memories.iter().map(WireMemory::from).collect(),
             tokens: result.tokens,
+            memories_found: result.memories.len(),
         }
     }
 }
@@ -134,6 +154,9 @@ impl From<KeyInfo> for WireKeyInfo {
 #[derive(Serialize)]
 pub struct WireMinted {
     key: String,
+    /// The key's name and birth, at the top as MemoryRouter's quickstart reads them.
+    name: String,
+    created_at: String,
     key_info: WireKeyInfo,
 }
 
@@ -141,6 +164,8 @@ impl From<MintedKey> for WireMinted {
     fn from(minted: MintedKey) -> Self {
         WireMinted {
             key: minted.key,
+            name: minted.info.record.name.clone(),
+            created_at: rfc3339(minted.info.record.created_at_ms),
             key_info: minted.info.into(),
         }
     }
@@ -162,11 +187,16 @@ impl WireKeyList {
 }
 
 pub fn upload_result(result: &UploadResult) -> Value {
+    // MemoryRouter's words: complete, partial; and failed when nothing was taken.
     let status = match (result.processed, result.failed) {
-        (_, 0) => "completed",
+        (_, 0) => "complete",
         (0, _) => "failed",
         _ => "partial",
     };
+    let message = format!(
+        "{} of {} lines taken: {} memories stored, {} already stored, {} lines failed",
+        result.processed, result.total, result.stored, result.duplicates, result.failed
+    );
     let errors: Vec<Value> = result
         .errors
         .iter()
@@ -182,12 +212,15 @@ pub fn upload_result(result: &UploadResult) -> Value {
             "duplicates": result.duplicates,
         },
         "errors": errors,
+        "message": message,
     })
 }
 
 pub fn stats(stats: &VaultStats) -> Value {
     serde_json::json!({
         "count": stats.count,
+        "memories": stats.count,
+        "total_tokens": stats.tokens,
         "bytes": stats.bytes,
         "oldest": optional_time(stats.oldest_ms),
         "newest": optional_time(stats.newest_ms),
@@ -212,4 +245,13 @@ pub fn audit_page(entries: &[AuditEntry], next: Option<u64>) -> Value {
         })
         .collect();
     serde_json::json!({"entries": entries, "next_cursor": next.map(|n| n.to_string())})
+}
+
+pub fn warmed(warmed: &Warmed) -> Value {
+    serde_json::json!({
+        "status": "warm",
+        "memories": warmed.memories,
+        "pending": warmed.pending,
+        "load_ms": warmed.took.as_secs_f64() * 1000.0,
+    })
 }
