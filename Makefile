@@ -5,13 +5,15 @@
 MODELS_DIR ?= models
 CARGO ?= cargo
 
-.PHONY: run test models build release lint bench fuzz clean-data
+PYENV = target/pyenv
+
+.PHONY: run test models pyenv build release lint bench fuzz clean-data
 
 run: models
 	$(CARGO) run --release --bin memory-sidecar
 
 # Benchmarks run once, smoke-sized, so they cannot rot; the tests run last.
-test: models
+test: models pyenv
 	$(CARGO) test --bench embedding --bench index --bench load --bench locomo --bench soak --bench flood --bench commit --bench scale
 	$(CARGO) test --lib --bins --tests
 
@@ -19,6 +21,16 @@ models: $(MODELS_DIR)/libonnxruntime.so.1.31.1 $(MODELS_DIR)/model.onnx $(MODELS
 
 $(MODELS_DIR)/libonnxruntime.so.1.31.1 $(MODELS_DIR)/model.onnx $(MODELS_DIR)/tokenizer.json:
 	bash scripts/fetch-models.sh $(MODELS_DIR)
+
+# The Python clients the compatibility tests run (MemoryRouter's, the MCP SDK, schemathesis),
+# pinned with their hashes, in a virtual environment of their own under target/.
+pyenv: $(PYENV)/.installed
+
+$(PYENV)/.installed: tests/clients/requirements.txt
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		--only-binary=:all: -r tests/clients/requirements.txt
+	touch $@
 
 build:
 	$(CARGO) build

@@ -184,10 +184,14 @@ fn memory_filter(tags: Vec<String>, session: Option<&str>) -> Option<MetaFilter>
     }))
 }
 
+/// Characters of each earlier turn a short question takes into its query: its end, the part
+/// nearest the question. A long reply (a page of code) would otherwise drown the question.
+const EARLIER_TURN_CHARS: usize = 300;
+
 /// The text prepare embeds: the latest user message first, then, when that message is short
-/// ("tell me more", "yes, last Tuesday"), the messages just before it, newest first, so that
-/// truncation at the model's limit drops the oldest context, never the question. At most
-/// `max_chars` characters: the rest of a long turn (a pasted document) is left out.
+/// ("tell me more", "yes, last Tuesday"), the end of each message just before it, newest first,
+/// so that truncation at the model's limit drops the oldest context, never the question. At
+/// most `max_chars` characters: the rest of a long turn (a pasted document) is left out.
 pub fn build_query(
     messages: &[Message],
     short_query_words: usize,
@@ -196,8 +200,9 @@ pub fn build_query(
     let latest = messages
         .iter()
         .rposition(|m| m.role == Role::User && !m.content.trim().is_empty())?;
-    let mut parts = vec![messages[latest].content.trim()];
-    let mut words = parts[0].split_whitespace().count();
+    let question = messages[latest].content.trim();
+    let mut parts = vec![question.to_owned()];
+    let mut words = question.split_whitespace().count();
     for earlier in messages[..latest].iter().rev() {
         if words >= short_query_words || parts.len() >= 3 {
             break;
@@ -205,11 +210,24 @@ pub fn build_query(
         if !earlier.role.is_remembered() || earlier.content.trim().is_empty() {
             continue;
         }
-        let text = earlier.content.trim();
+        let text = tail(earlier.content.trim(), EARLIER_TURN_CHARS);
         words += text.split_whitespace().count();
         parts.push(text);
     }
     Some(parts.join("\n").chars().take(max_chars).collect())
+}
+
+/// The last `chars` characters of `text`, from a word boundary when it is cut.
+fn tail(text: &str, chars: usize) -> String {
+    let count = text.chars().count();
+    if count <= chars {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().skip(count - chars).collect();
+    match cut.split_once(char::is_whitespace) {
+        Some((_, rest)) if !rest.trim().is_empty() => rest.trim_start().to_owned(),
+        _ => cut,
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +271,26 @@ mod tests {
         assert_eq!(
             build_query(&messages, 12, 4000).unwrap(),
             "tell me more\nYou liked the Sintra loop\nWhich hiking trails did I like"
+        );
+    }
+
+    #[test]
+    fn a_long_turn_before_a_short_question_gives_only_its_end() {
+        let code = format!(
+            "{}the end of the reply",
+            "let x = compute(y);\n".repeat(500)
+        );
+        let messages = [
+            message(Role::Assistant, &code),
+            message(Role::User, "What is my teacher called?"),
+        ];
+        let query = build_query(&messages, 8, 4000).unwrap();
+        assert!(query.starts_with("What is my teacher called?\n"), "{query}");
+        assert!(query.ends_with("the end of the reply"));
+        assert!(
+            query.chars().count() <= 27 + EARLIER_TURN_CHARS,
+            "{}",
+            query.len()
         );
     }
 
