@@ -422,6 +422,59 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn the_order_memories_reach_the_index_changes_nothing() {
+        let words = [
+            "museum", "sunday", "pottery", "tuesday", "zx81", "bakery", "bread",
+        ];
+        let memory = |i: u64| {
+            let meta = EntryMeta {
+                created_at_ms: 1000 * (i as i64 / 2),
+                session_id: Some(format!("s{}", i / 6)),
+                tags: Vec::new(),
+                terms: terms(&format!(
+                    "{} {}",
+                    words[i as usize % 7],
+                    words[(i as usize * 3) % 7]
+                )),
+            };
+            (MemoryId(i), unit(i), meta)
+        };
+        let mut in_order = VaultIndex::new();
+        for i in 0..30 {
+            let (id, vector, meta) = memory(i);
+            in_order.insert_with_meta(id, &vector, meta);
+        }
+        // As the indexer might bring them: a scrambled order.
+        let mut scrambled = VaultIndex::new();
+        for i in (0..30).map(|i| (i * 7 + 3) % 30) {
+            let (id, vector, meta) = memory(i);
+            scrambled.insert_with_meta(id, &vector, meta);
+        }
+        for (query, text) in [(3, "museum sunday"), (11, "zx81"), (20, "bread pottery")] {
+            let a = in_order.search_hybrid(&unit(query), &terms(text), 10, &PARAMS, None);
+            let b = scrambled.search_hybrid(&unit(query), &terms(text), 10, &PARAMS, None);
+            let ids = |r: &[Ranked]| {
+                r.iter()
+                    .map(|r| (r.id, r.previous, r.next))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&a), ids(&b), "{text}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x.score - y.score).abs() < 1e-4, "{text}: {a:?} vs {b:?}");
+            }
+        }
+        // And removing one relinks both alike.
+        in_order.remove(&[MemoryId(13)]);
+        scrambled.remove(&[MemoryId(13)]);
+        let a = in_order.search_hybrid(&unit(12), &terms("zx81 bakery"), 10, &PARAMS, None);
+        let b = scrambled.search_hybrid(&unit(12), &terms("zx81 bakery"), 10, &PARAMS, None);
+        assert_eq!(
+            a.iter().map(|r| (r.id, r.previous)).collect::<Vec<_>>(),
+            b.iter().map(|r| (r.id, r.previous)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn graph_and_tail_together_find_old_and_new_memories() {
         let mut index = VaultIndex::new();
         for i in 0..2000 {

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use rust_stemmers::{Algorithm, Stemmer};
 
-use super::session::SessionLinks;
+use super::session::{Inserted, SessionLinks};
 use crate::bounds::MAX_TERM_CHARS;
 
 /// BM25's term-frequency saturation and length normalisation (the usual defaults; other values
@@ -95,20 +95,21 @@ impl LexicalIndex {
         self.own.is_empty()
     }
 
-    /// Adds the next position with its own terms. `links` has linked it already: its previous
-    /// in the session, if any, joins its window and it joins the previous's.
-    pub fn push(&mut self, terms: &[(String, u32)], links: &SessionLinks) {
-        let position = self.own.len() as u32;
-        let previous = links.previous(position as usize).map(|p| p as usize);
+    /// Adds the next position with its own terms, where `links` has just linked it (`at`):
+    /// its neighbours join its window and it joins theirs; neighbours it came between leave
+    /// each other's windows.
+    pub fn insert(&mut self, terms: &[(String, u32)], links: &SessionLinks, at: Inserted) {
+        let position = at.position;
+        debug_assert_eq!(position as usize, self.own.len());
         let own: Vec<(u32, u32)> = terms
             .iter()
             .map(|(term, count)| (self.term_id(term), *count))
             .collect();
-        // The new window: its own terms and its previous'. Built here, then appended to the
+        // The new window: its own terms and its neighbours'. Built here, then appended to the
         // postings without searching them (a common term's list is long).
         let mut window = own.clone();
-        if let Some(previous) = previous {
-            for &(term, count) in &self.own[previous] {
+        for neighbour in [at.previous, at.next].into_iter().flatten() {
+            for &(term, count) in &self.own[neighbour as usize] {
                 match window.iter_mut().find(|(t, _)| *t == term) {
                     Some((_, c)) => *c += count,
                     None => window.push((term, count)),
@@ -123,33 +124,57 @@ impl LexicalIndex {
         self.own.push(own.clone());
         self.window_len.push(length);
         self.total_len += u64::from(length);
-        if let Some(previous) = previous {
-            // Terms new to the previous window are appended without searching their postings
-            // (a common term's list is long): its window is its own terms and its previous'.
-            let before = links.previous(previous);
+        if at.split {
+            if let (Some(previous), Some(next)) = (at.previous, at.next) {
+                self.add_window(previous, next, -1);
+                self.add_window(next, previous, -1);
+            }
+        }
+        for neighbour in [at.previous, at.next].into_iter().flatten() {
+            // Terms new to the neighbour's window are appended without searching their
+            // postings: its window is its own terms and its neighbours' (the new one aside).
+            let (before, after) = links.neighbours(neighbour as usize);
+            let others: Vec<u32> = [before, after]
+                .into_iter()
+                .flatten()
+                .filter(|p| *p != position)
+                .collect();
             for &(term, count) in &own {
-                let known = self.own[previous]
+                let known = self.own[neighbour as usize]
                     .iter()
-                    .chain(before.map_or(&[][..], |b| &self.own[b as usize][..]))
+                    .chain(others.iter().flat_map(|o| self.own[*o as usize].iter()))
                     .any(|(t, _)| *t == term);
                 if known {
-                    self.adjust(previous as u32, term, count as i64);
+                    self.adjust(neighbour, term, count as i64);
                 } else {
-                    self.postings[term as usize].push((previous as u32, count));
-                    self.window_len[previous] += count;
+                    self.postings[term as usize].push((neighbour, count));
+                    self.window_len[neighbour as usize] += count;
                     self.total_len += u64::from(count);
                 }
             }
         }
     }
 
-    /// Takes a position out: its window is emptied, its terms leave its neighbours' windows,
-    /// and its neighbours join each other's windows. Call before `links` unlinks it.
-    pub fn remove(&mut self, position: usize, links: &SessionLinks) {
+    /// Adds (`sign` 1) or takes (`sign` -1) `from`'s own terms to or from `to`'s window.
+    fn add_window(&mut self, to: u32, from: u32, sign: i64) {
+        for (term, count) in self.own[from as usize].clone() {
+            self.adjust(to, term, sign * count as i64);
+        }
+    }
+
+    /// Takes a position out: its window is emptied and its terms leave the windows of the
+    /// neighbours it had; when those are linked to each other now (`joined`), each joins the
+    /// other's window.
+    pub fn remove(
+        &mut self,
+        position: usize,
+        previous: Option<u32>,
+        next: Option<u32>,
+        joined: bool,
+    ) {
         if position >= self.own.len() {
             return;
         }
-        let (previous, next) = links.neighbours(position);
         let position = position as u32;
         // Its own window: its terms and its neighbours'.
         let mut window = self.own[position as usize].clone();
@@ -159,19 +184,13 @@ impl LexicalIndex {
         for (term, count) in window {
             self.adjust(position, term, -(count as i64));
         }
-        let own = std::mem::take(&mut self.own[position as usize]);
         for neighbour in [previous, next].into_iter().flatten() {
-            for &(term, count) in &own {
-                self.adjust(neighbour, term, -(count as i64));
-            }
+            self.add_window(neighbour, position, -1);
         }
-        if let (Some(previous), Some(next)) = (previous, next) {
-            for &(term, count) in &self.own[next as usize].clone() {
-                self.adjust(previous, term, count as i64);
-            }
-            for &(term, count) in &self.own[previous as usize].clone() {
-                self.adjust(next, term, count as i64);
-            }
+        self.own[position as usize].clear();
+        if let (Some(previous), Some(next), true) = (previous, next, joined) {
+            self.add_window(previous, next, 1);
+            self.add_window(next, previous, 1);
         }
         self.removed += 1;
     }
@@ -245,14 +264,28 @@ mod tests {
     }
 
     impl Chained {
+        /// Adds a turn said at `at` (ms) in `session`.
+        fn said(&mut self, session: &str, at: i64, text: &str) {
+            let id = self.index.len() as u64;
+            let inserted = self
+                .links
+                .insert(Some(session.into()), (at, id), |_, _| true);
+            self.index.insert(&terms(text), &self.links, inserted);
+        }
+
+        /// Adds the next turn of `session`.
         fn push(&mut self, session: &str, text: &str) {
-            self.links.push(Some(session.into()), |_| true);
-            self.index.push(&terms(text), &self.links);
+            let at = self.index.len() as i64;
+            self.said(session, at, text);
         }
 
         fn remove(&mut self, session: &str, position: usize) {
-            self.index.remove(position, &self.links);
-            self.links.unlink(position, &Some(session.into()));
+            let (previous, next) = self.links.neighbours(position);
+            let place = (position as i64, position as u64);
+            let joined = self
+                .links
+                .unlink(position, &Some(session.into()), place, |_, _| true);
+            self.index.remove(position, previous, next, joined);
         }
 
         fn scores(&self, query: &str) -> Vec<f32> {
@@ -333,6 +366,34 @@ mod tests {
             index.scores("tuesday")[0] > 0.0,
             "the neighbours now join up"
         );
+    }
+
+    #[test]
+    fn a_turn_arriving_late_gives_the_windows_a_fresh_index_in_order_would() {
+        let texts = [
+            (10, "Did you go to the pottery workshop?"),
+            (20, "zx81 is my code"),
+            (30, "Yes, last Tuesday!"),
+        ];
+        let mut in_order = Chained::default();
+        for (at, text) in texts {
+            in_order.said("s", at, text);
+        }
+        // The same turns reaching the index as 30, 10, 20.
+        let mut late = Chained::default();
+        for index in [2, 0, 1] {
+            let (at, text) = texts[index];
+            late.said("s", at, text);
+        }
+        for query in ["zx81", "pottery workshop", "tuesday", "code"] {
+            let mut got = late.scores(query);
+            // Positions differ (2, 0, 1 against 0, 1, 2): put them back in order.
+            got = vec![got[1], got[2], got[0]];
+            let want = in_order.scores(query);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{query}: {got:?} vs {want:?}");
+            }
+        }
     }
 
     #[test]

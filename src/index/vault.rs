@@ -71,11 +71,13 @@ impl VaultIndex {
         let at_ms = meta.created_at_ms;
         let sessionless = meta.session_id.is_none();
         // Without a session, only memories close in time are taken to be one conversation.
-        let (position, _) = self.links.push(meta.session_id.clone(), |previous| {
-            !sessionless
-                || (at_ms - stored[previous as usize].created_at_ms).abs() <= SESSIONLESS_GAP_MS
+        let time_of = |p: u32| stored.get(p as usize).map_or(at_ms, |m| m.created_at_ms);
+        let place = (at_ms, id.0);
+        let inserted = self.links.insert(meta.session_id.clone(), place, |a, b| {
+            !sessionless || (time_of(a) - time_of(b)).abs() <= SESSIONLESS_GAP_MS
         });
-        self.lexical.push(&meta.terms, &self.links);
+        self.lexical.insert(&meta.terms, &self.links, inserted);
+        let position = inserted.position;
         self.positions.insert(id, position);
         meta.terms = Vec::new();
         self.ids.push(id);
@@ -95,9 +97,20 @@ impl VaultIndex {
                 continue;
             };
             let position = position as usize;
-            self.lexical.remove(position, &self.links);
-            let session = self.meta[position].session_id.clone();
-            self.links.unlink(position, &session);
+            let (previous, next) = self.links.neighbours(position);
+            let meta = &self.meta[position];
+            let place = (meta.created_at_ms, id.0);
+            let sessionless = meta.session_id.is_none();
+            let stored = &self.meta;
+            let joined = self
+                .links
+                .unlink(position, &meta.session_id, place, |a, b| {
+                    !sessionless
+                        || (stored[a as usize].created_at_ms - stored[b as usize].created_at_ms)
+                            .abs()
+                            <= SESSIONLESS_GAP_MS
+                });
+            self.lexical.remove(position, previous, next, joined);
         }
     }
 
