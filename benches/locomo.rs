@@ -1,7 +1,7 @@
 //! Retrieval benchmark on LoCoMo-format conversations, through the public API only.
 //!
 //! `cargo bench --bench locomo -- [--data ../shared/bench/locomo_dev.json] [--out FILE]
-//!  [--addr HOST:PORT] [--daemon-args "--dense-weight 1"]`
+//!  [--addr HOST:PORT] [--daemon-args "--dense-weight 1"] [--interleave]`
 //!
 //! It starts the release daemon on a temp dir (or, with `--addr`, uses a running one and the
 //! admin key in `MEMORY_SIDECAR_ADMIN_KEY`), mints one key per conversation, ingests every turn
@@ -11,6 +11,11 @@
 //! of a question's evidence turns returned), overall and per category, the context tokens per
 //! question, ingest throughput and prepare latency, prints a markdown table and writes a JSON
 //! result. Under `cargo test` it runs on a tiny synthetic file of the same shape.
+//!
+//! `--interleave` fills the way a gateway does: a prepare after every ingest, so each vault's
+//! index is loaded while its turns are still being embedded (in length order, not turn order)
+//! and takes them in as they come; the questions are scored once everything is embedded, as
+//! without it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -32,6 +37,7 @@ struct Options {
     out: PathBuf,
     addr: Option<SocketAddr>,
     daemon_args: Vec<String>,
+    interleave: bool,
 }
 
 fn options() -> Options {
@@ -51,6 +57,7 @@ fn options() -> Options {
         }),
         addr: None,
         daemon_args: Vec::new(),
+        interleave: args.iter().any(|a| a == "--interleave"),
     };
     let mut i = 1;
     while i < args.len() {
@@ -237,6 +244,15 @@ fn main() {
                 for (turn, id) in batch.iter().zip(ids) {
                     dia_of.insert(id.as_str().unwrap().to_owned(), turn.dia_id.clone());
                 }
+                if options.interleave {
+                    // The next model call's prepare, while this exchange is being embedded.
+                    let asked = questions
+                        .first()
+                        .map_or("What happened?", |q| q.text.as_str());
+                    let body = json!({"messages": [{"role": "user", "content": asked}]});
+                    let answer = client.post_json("/v1/memory/prepare", Some(&key), None, &body);
+                    assert_eq!(answer.status, 200, "{}", answer.text());
+                }
             }
         }
         turn_count += turns.len();
@@ -308,6 +324,7 @@ fn main() {
     let result = json!({
         "data": options.data.display().to_string(),
         "daemon_args": options.daemon_args,
+        "interleave": options.interleave,
         "conversations": samples.len(),
         "turns": turn_count,
         "questions": asked,
@@ -334,6 +351,14 @@ fn main() {
     }
     std::fs::write(&options.out, serde_json::to_vec_pretty(&result).unwrap()).unwrap();
 
+    println!(
+        "fill: {}",
+        if options.interleave {
+            "interleaved with prepares (the index loaded while turns are embedded)"
+        } else {
+            "every turn embedded before the first prepare"
+        }
+    );
     println!(
         "LoCoMo retrieval: {} conversations, {turn_count} turns, {asked} questions (categories 1-4); daemon args {:?}",
         samples.len(),
