@@ -1,7 +1,8 @@
 //! Retrieval benchmark on LongMemEval_S-format questions, through the public API only.
 //!
 //! `cargo bench --bench longmemeval -- [--data ../shared/bench/longmemeval_s_dev.json.gz]
-//!  [--out FILE] [--daemon-args "--passage-chars 800"] [--interleave] [--limit 50]`
+//!  [--out FILE] [--daemon-args "--passage-chars 800"] [--interleave] [--limit 50]
+//!  [--reuse DIR]`
 //!
 //! Each question brings its own haystack of chat sessions. For each question a fresh key; every
 //! session ingested through the API as it is (one call per session, each turn dated by its
@@ -12,8 +13,11 @@
 //! turns marked `has_answer`, context tokens and prepare latency. Abstention questions
 //! (`_abs`) are left out of the recall, as in the official retrieval evaluation.
 //!
-//! `--interleave` fills the way a gateway does (a prepare after every session's ingest). Under
-//! `cargo test` it runs on a tiny synthetic file of the same shape.
+//! `--interleave` fills the way a gateway does (a prepare after every session's ingest).
+//! `--reuse DIR` keeps the daemon's data in DIR: the first run fills it, later runs (with other
+//! ranking flags in `--daemon-args`) only ask, so a sweep of ranking parameters costs minutes,
+//! not a fill each (flags that change what is stored, like `--passage-chars`, need a fresh
+//! DIR). Under `cargo test` it runs on a tiny synthetic file of the same shape.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -36,6 +40,8 @@ struct Options {
     interleave: bool,
     /// Memories asked for per question (the sessions are ranked from them).
     limit: usize,
+    /// A data directory kept between runs: filled once, then only asked.
+    reuse: Option<PathBuf>,
 }
 
 fn options() -> Options {
@@ -56,6 +62,7 @@ fn options() -> Options {
         daemon_args: Vec::new(),
         interleave: args.iter().any(|a| a == "--interleave"),
         limit: 50,
+        reuse: None,
     };
     let mut i = 1;
     while i < args.len() {
@@ -64,6 +71,7 @@ fn options() -> Options {
             "--data" => options.data = PathBuf::from(value),
             "--out" => options.out = PathBuf::from(value),
             "--limit" => options.limit = value.parse().expect("--limit takes a count"),
+            "--reuse" => options.reuse = Some(PathBuf::from(value)),
             "--daemon-args" => {
                 options.daemon_args = value.split_whitespace().map(str::to_owned).collect()
             }
@@ -172,15 +180,88 @@ impl Sums {
     }
 }
 
+/// A question's sessions as ingested: their ids, each turn's messages (dated by the session),
+/// the turns' texts by index, and the (session, turn) of every turn marked `has_answer`.
+struct Haystack {
+    sessions: Vec<HaystackSession>,
+    answer_turns: HashSet<(String, usize)>,
+}
+
+/// A session's id, its messages as ingested, and its turns' texts by index.
+type HaystackSession = (String, Vec<Value>, Vec<(usize, String)>);
+
+fn haystack(question: &Value) -> Haystack {
+    let sessions = question["haystack_sessions"].as_array().unwrap();
+    let session_ids = question["haystack_session_ids"].as_array().unwrap();
+    let dates = question["haystack_dates"].as_array().unwrap();
+    let mut answer_turns = HashSet::new();
+    let mut out = Vec::new();
+    for ((session, session_id), date) in sessions.iter().zip(session_ids).zip(dates) {
+        let session_id = session_id.as_str().unwrap().to_owned();
+        let at = date_ms(date.as_str().unwrap());
+        let mut contents: Vec<(usize, String)> = Vec::new();
+        let messages: Vec<Value> = session
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, turn)| {
+                if turn["has_answer"].as_bool() == Some(true) {
+                    answer_turns.insert((session_id.clone(), index));
+                }
+                let content = turn["content"].as_str()?;
+                if content.trim().is_empty() {
+                    return None;
+                }
+                contents.push((index, content.to_owned()));
+                Some(json!({"role": turn["role"], "content": content, "timestamp": at}))
+            })
+            .collect();
+        if !messages.is_empty() {
+            out.push((session_id, messages, contents));
+        }
+    }
+    Haystack {
+        sessions: out,
+        answer_turns,
+    }
+}
+
+/// What a `--reuse` directory was filled with: the data file and each question's key.
+const FILLED: &str = "longmemeval-filled.json";
+
 fn main() {
     let options = options();
     let questions = read_questions(&options.data);
-    let dir = tempfile::tempdir().unwrap();
+    let temporary = tempfile::tempdir().unwrap();
+    let dir = match &options.reuse {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).unwrap();
+            dir.clone()
+        }
+        None => temporary.path().to_owned(),
+    };
+    let filled: Option<Value> = std::fs::read(dir.join(FILLED))
+        .ok()
+        .map(|bytes| serde_json::from_slice(&bytes).expect("a fill record"));
+    if let Some(filled) = &filled {
+        assert_eq!(
+            filled["data"],
+            json!(options.data.display().to_string()),
+            "{} was filled from another file",
+            dir.display()
+        );
+        eprintln!(
+            "reusing {} (filled with daemon args {}): asking only",
+            dir.display(),
+            filled["daemon_args"]
+        );
+    }
     let daemon_args: Vec<&str> = ["--key-rate-per-second", "0"]
         .into_iter()
         .chain(options.daemon_args.iter().map(String::as_str))
         .collect();
-    let daemon = Daemon::start(dir.path(), &daemon_args);
+    let daemon = Daemon::start(&dir, &daemon_args);
     let client = Client { addr: daemon.addr };
     let admin_key = common::ADMIN_KEY;
 
@@ -189,65 +270,54 @@ fn main() {
     let mut loaded = Vec::new();
     let mut turns = 0;
     let mut refused = 0;
-    for question in &questions {
+    for (number, question) in questions.iter().enumerate() {
         let id = question["question_id"].as_str().unwrap();
-        let minted = client.post_json(
-            "/v1/keys",
-            Some(admin_key),
-            None,
-            &json!({"name": format!("longmemeval {id}")}),
-        );
-        assert_eq!(minted.status, 201, "{}", minted.text());
-        let key = minted.json()["key"].as_str().unwrap().to_owned();
-        let sessions = question["haystack_sessions"].as_array().unwrap();
-        let session_ids = question["haystack_session_ids"].as_array().unwrap();
-        let dates = question["haystack_dates"].as_array().unwrap();
-        let mut answer_turns = HashSet::new();
+        let Haystack {
+            sessions,
+            answer_turns,
+        } = haystack(question);
         let mut sessions_turns: Vec<(String, Vec<(usize, String)>)> = Vec::new();
-        for ((session, session_id), date) in sessions.iter().zip(session_ids).zip(dates) {
-            let session_id = session_id.as_str().unwrap().to_owned();
-            let at = date_ms(date.as_str().unwrap());
-            let mut contents: Vec<(usize, String)> = Vec::new();
-            let messages: Vec<Value> = session
-                .as_array()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .filter_map(|(index, turn)| {
-                    if turn["has_answer"].as_bool() == Some(true) {
-                        answer_turns.insert((session_id.clone(), index));
-                    }
-                    let content = turn["content"].as_str()?;
-                    if content.trim().is_empty() {
-                        return None;
-                    }
-                    contents.push((index, content.to_owned()));
-                    Some(json!({"role": turn["role"], "content": content, "timestamp": at}))
-                })
-                .collect();
-            if messages.is_empty() {
-                continue;
+        let key = if let Some(filled) = &filled {
+            for (session_id, messages, contents) in sessions {
+                turns += messages.len();
+                sessions_turns.push((session_id, contents));
             }
-            turns += messages.len();
-            let answer = client.post_json(
-                "/v1/memory/ingest",
-                Some(&key),
-                Some(&session_id),
-                &json!({"messages": messages}),
+            filled["keys"][number]
+                .as_str()
+                .expect("a key per question")
+                .to_owned()
+        } else {
+            let minted = client.post_json(
+                "/v1/keys",
+                Some(admin_key),
+                None,
+                &json!({"name": format!("longmemeval {id}")}),
             );
-            if answer.status != 202 {
-                refused += 1;
-                eprintln!("a session was refused: {} {}", answer.status, answer.text());
-                continue;
+            assert_eq!(minted.status, 201, "{}", minted.text());
+            let key = minted.json()["key"].as_str().unwrap().to_owned();
+            for (session_id, messages, contents) in sessions {
+                turns += messages.len();
+                let answer = client.post_json(
+                    "/v1/memory/ingest",
+                    Some(&key),
+                    Some(&session_id),
+                    &json!({"messages": messages}),
+                );
+                if answer.status != 202 {
+                    refused += 1;
+                    eprintln!("a session was refused: {} {}", answer.status, answer.text());
+                    continue;
+                }
+                sessions_turns.push((session_id, contents));
+                if options.interleave {
+                    let asked = question["question"].as_str().unwrap();
+                    let body = json!({"messages": [{"role": "user", "content": asked}]});
+                    let answer = client.post_json("/v1/memory/prepare", Some(&key), None, &body);
+                    assert_eq!(answer.status, 200, "{}", answer.text());
+                }
             }
-            sessions_turns.push((session_id.clone(), contents));
-            if options.interleave {
-                let asked = question["question"].as_str().unwrap();
-                let body = json!({"messages": [{"role": "user", "content": asked}]});
-                let answer = client.post_json("/v1/memory/prepare", Some(&key), None, &body);
-                assert_eq!(answer.status, 200, "{}", answer.text());
-            }
-        }
+            key
+        };
         let turn_of = turns_of_memories(&client, &key, &sessions_turns);
         loaded.push(Loaded {
             question,
@@ -259,6 +329,14 @@ fn main() {
     let acknowledged = started.elapsed();
     client.wait_indexed_within(Duration::from_secs(3 * 3600));
     let indexed = started.elapsed();
+    if options.reuse.is_some() && filled.is_none() {
+        let record = json!({
+            "data": options.data.display().to_string(),
+            "daemon_args": options.daemon_args,
+            "keys": loaded.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
+        });
+        std::fs::write(dir.join(FILLED), serde_json::to_vec(&record).unwrap()).unwrap();
+    }
 
     // Ask: each question alone, once.
     let mut latencies = Vec::new();
@@ -330,6 +408,7 @@ fn main() {
         "data": options.data.display().to_string(),
         "daemon_args": options.daemon_args,
         "interleave": options.interleave,
+        "reused": filled.is_some(),
         "limit": options.limit,
         "questions": questions.len(),
         "turns": turns,

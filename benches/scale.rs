@@ -157,6 +157,7 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
                         session_id: memory.record.session_id.clone(),
                         tags: Vec::new(),
                         terms: terms(&memory.record.content),
+                        terms_version: memory_sidecar::index::TERMS_VERSION,
                     };
                     // The sentence's vector, nudged so that no two memories share one
                     // exactly (two different texts never do; exact twins by the tens of

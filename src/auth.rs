@@ -49,13 +49,14 @@ impl Mode {
         }
     }
 
-    /// A mode named in full (`X-Memory-Mode`): `full`, `read`, `write` or `off`.
+    /// A mode named in full (`X-Memory-Mode`): `full` (or MemoryRouter's `on` and
+    /// `default`), `read`, `write`, or `off` (or `none`).
     pub fn parse(text: &str) -> Option<Mode> {
         let (retrieve, store) = match text {
-            "full" => (true, true),
+            "full" | "on" | "default" => (true, true),
             "read" => (true, false),
             "write" => (false, true),
-            "off" => (false, false),
+            "off" | "none" => (false, false),
             _ => return None,
         };
         Some(Mode { retrieve, store })

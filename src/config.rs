@@ -262,6 +262,21 @@ pub struct Flags {
     /// session.
     #[arg(long, env = "MEMORY_SIDECAR_SESSION_BOOST", default_value_t = 0.25)]
     pub session_boost: f32,
+    /// Added to the ranking score (in standard deviations) of memories from the time a
+    /// question names ("yesterday", "last week", "in May"), relative to the request's `now`.
+    #[arg(long, env = "MEMORY_SIDECAR_TIME_WINDOW_BOOST", default_value_t = 1.0)]
+    pub time_window_boost: f32,
+    /// Half-life, in days, of the recency lift: a memory this old gets half of
+    /// `--recency-weight`. 0 turns recency off, ranking by relevance alone.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_RECENCY_HALF_LIFE_DAYS",
+        default_value_t = 0.0
+    )]
+    pub recency_half_life_days: f32,
+    /// Most the recency lift adds (in standard deviations), to a memory made just now.
+    #[arg(long, env = "MEMORY_SIDECAR_RECENCY_WEIGHT", default_value_t = 0.2)]
+    pub recency_weight: f32,
     /// A query shorter than this many words is joined with the messages before it.
     #[arg(long, env = "MEMORY_SIDECAR_SHORT_QUERY_WORDS", default_value_t = 8)]
     pub short_query_words: usize,
@@ -342,13 +357,6 @@ pub struct Limits {
     pub default_scopes: Vec<Scope>,
 }
 
-impl Limits {
-    /// The most characters one stored message may hold.
-    pub fn max_stored_message_chars(&self) -> usize {
-        self.max_passages_per_message * self.passage_chars
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct EmbedConfig {
     /// Intra-op threads per worker's session.
@@ -371,6 +379,9 @@ pub struct RetrievalConfig {
     pub dense_weight: f32,
     pub neighbour_weight: f32,
     pub session_boost: f32,
+    pub time_window_boost: f32,
+    pub recency_half_life_days: f32,
+    pub recency_weight: f32,
     pub short_query_words: usize,
     pub hnsw_threshold: usize,
     pub max_loaded_memories: usize,
@@ -513,6 +524,20 @@ impl Flags {
                 self.session_boost
             );
         }
+        for (name, value) in [
+            ("time-window-boost", self.time_window_boost),
+            ("recency-weight", self.recency_weight),
+        ] {
+            if !(0.0..=2.0).contains(&value) {
+                bail!("--{name} must be in 0..=2, got {value}");
+            }
+        }
+        if !(0.0..=36_500.0).contains(&self.recency_half_life_days) {
+            bail!(
+                "--recency-half-life-days must be 0 (off) to 36500, got {}",
+                self.recency_half_life_days
+            );
+        }
         at_least("hnsw-threshold", self.hnsw_threshold, 1000)?;
         at_least("max-loaded-memories", self.max_loaded_memories, 1000)?;
         for (name, ms) in [
@@ -588,6 +613,9 @@ impl Flags {
                 dense_weight: self.dense_weight,
                 neighbour_weight: self.neighbour_weight,
                 session_boost: self.session_boost,
+                time_window_boost: self.time_window_boost,
+                recency_half_life_days: self.recency_half_life_days,
+                recency_weight: self.recency_weight,
                 short_query_words: self.short_query_words,
                 hnsw_threshold: self.hnsw_threshold,
                 max_loaded_memories: self.max_loaded_memories,

@@ -801,12 +801,15 @@ fn upload_reports_bad_lines_and_never_duplicates() {
         (too_big.status, too_big.error_code()),
         (413, "body_too_large".to_owned())
     );
-    let wrong_type = daemon.call(
+    let bearer = format!("Bearer {key}");
+    let wrong_type = daemon.request(
         "POST",
         "/v1/memory/upload",
-        &key,
-        None,
-        Some(&json!({"content": "a"})),
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", "multipart/form-data"),
+        ],
+        b"{\"content\": \"a\"}",
     );
     assert_eq!(
         (wrong_type.status, wrong_type.error_code()),

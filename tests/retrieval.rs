@@ -102,3 +102,97 @@ fn dense_only_and_lexical_only_each_miss_what_the_hybrid_finds() {
         "{context}"
     );
 }
+
+/// 2024-07-17T15:00:00Z, a Wednesday: the reference time the questions below are asked at.
+const NOW: &str = "2024-07-17T15:00:00Z";
+
+/// Dinners on three days among other memories; the one the question's time names is not the
+/// best match by its words and meaning alone.
+fn load_dinners(daemon: &Daemon) -> (String, String, String) {
+    let key = daemon.mint_key("user:time");
+    let dinner = |at: &str, text: &str| {
+        daemon.ingest(
+            &key,
+            None,
+            json!([{"role": "user", "content": text, "timestamp": at}]),
+        )["ids"][0]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let old = dinner(
+        "2024-07-02T19:00:00Z",
+        "For dinner I ate a huge bowl of ramen at the station.",
+    );
+    dinner(
+        "2024-06-20T19:00:00Z",
+        "Dinner was a plate of pasta at home.",
+    );
+    for (i, text) in [
+        "The printer at work jams every single morning.",
+        "My sister is moving to Berlin in the autumn.",
+        "I have been training for a half marathon.",
+        "The car needs new tyres before winter.",
+        "We watched a documentary about octopuses.",
+        "My manager approved the conference trip.",
+        "The cat knocked a plant off the windowsill.",
+        "I started reading a novel about lighthouse keepers.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        dinner(&format!("2024-06-{:02}T09:00:00Z", 1 + i), text);
+    }
+    let yesterday = dinner(
+        "2024-07-16T20:00:00Z",
+        "Dinner tonight: sushi with Ana down at the harbour.",
+    );
+    daemon.wait_indexed();
+    (key, old, yesterday)
+}
+
+fn ranked(daemon: &Daemon, key: &str, body: Value) -> Vec<String> {
+    let response = daemon.post_json("/v1/memory/prepare", Some(key), None, &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    common::memory_ids(&response.json())
+}
+
+#[test]
+fn a_time_the_question_names_lifts_the_memories_from_then() {
+    let question = "What did I eat for dinner yesterday?";
+    let mut firsts = Vec::new();
+    for args in [&["--time-window-boost", "0"][..], &[]] {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(dir.path(), args);
+        let (key, old, yesterday) = load_dinners(&daemon);
+        let body = json!({"messages": [user(question)], "limit": 3, "now": NOW});
+        firsts.push(ranked(&daemon, &key, body)[0] == yesterday);
+        if args.is_empty() {
+            // Asked a week later, "yesterday" is another day: no lift for the sushi.
+            let later =
+                json!({"messages": [user(question)], "limit": 3, "now": "2024-07-24T15:00:00Z"});
+            let later = ranked(&daemon, &key, later);
+            assert_ne!(later[0], yesterday, "{later:?}");
+            // An explicit window keeps only what is inside it.
+            let within = json!({
+                "messages": [user("What did I eat for dinner?")],
+                "since": "2024-07-01T00:00:00Z",
+                "until": 1_721_001_600_000i64,
+            });
+            assert_eq!(ranked(&daemon, &key, within), vec![old.clone()]);
+            let backwards = json!({
+                "messages": [user("dinner")],
+                "since": "2024-07-02T00:00:00Z",
+                "until": "2024-07-01T00:00:00Z",
+            });
+            let response = daemon.post_json("/v1/memory/prepare", Some(&key), None, &backwards);
+            assert_eq!(response.status, 400);
+            assert_eq!(response.error_code(), "invalid_request");
+        }
+    }
+    assert_eq!(
+        firsts,
+        vec![false, true],
+        "yesterday's sushi ranks first with the lift, not without it"
+    );
+}

@@ -20,7 +20,7 @@ use super::{App, READY, STARTING};
 use crate::crypto::VaultCipher;
 use crate::embed::{EmbedError, Priority, Ticket};
 use crate::ids::{MemoryId, VaultId};
-use crate::index::terms;
+use crate::index::{terms, TERMS_VERSION};
 use crate::store::{EntryMeta, MemoryRecord};
 use crate::vector::UnitVector;
 
@@ -294,5 +294,6 @@ fn entry_meta(record: &MemoryRecord) -> EntryMeta {
         session_id: record.session_id.clone(),
         tags: record.tags.clone(),
         terms: terms(&record.content),
+        terms_version: TERMS_VERSION,
     }
 }

@@ -30,6 +30,7 @@ pub mod prepare;
 pub mod render;
 pub mod search;
 pub mod session;
+pub mod temporal;
 pub mod upload;
 
 use std::collections::HashMap;

@@ -11,7 +11,7 @@ use super::ingest::{check_tags, Message};
 use super::render::{collapse_duplicates, render_context};
 use super::search::{MetaFilter, Recalled};
 use super::session::SessionScope;
-use super::App;
+use super::{temporal, App};
 use crate::auth::MemoryAccess;
 use crate::embed::EmbedTiming;
 use crate::error::ApiError;
@@ -27,6 +27,12 @@ pub struct PrepareRequest {
     pub density: Option<Density>,
     /// Only memories carrying every one of these tags.
     pub tags: Vec<String>,
+    /// The request's reference time (ms): what "yesterday" and ages are relative to; `None`,
+    /// the clock.
+    pub now_ms: Option<i64>,
+    /// Only memories from `since_ms` on, and before `until_ms`.
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
 }
 
 /// MemoryRouter's context sizes: each scales the configured default `limit` and token budget
@@ -122,6 +128,13 @@ impl App {
                 limits.max_context_tokens
             )));
         }
+        if let (Some(since), Some(until)) = (request.since_ms, request.until_ms) {
+            if since >= until {
+                return Err(ApiError::invalid(format!(
+                    "`since` must be before `until`, got {since} and {until} (ms)"
+                )));
+            }
+        }
         if !access.mode.retrieve {
             return Ok(PrepareResult::nothing());
         }
@@ -135,20 +148,39 @@ impl App {
         };
         let (vector, embed_timing) = self.embed_query(&query).await?;
         let searching = Instant::now();
-        // Over-fetch so that the session boost and duplicate collapse can reorder and drop.
-        let candidates = limit.saturating_mul(2).max(limit + 10);
-        let keep = memory_filter(request.tags, session.confined_to(access));
+        let now_ms = request.now_ms.unwrap_or_else(|| self.now_ms());
+        // The time the question itself names, from its own words only: an earlier turn's
+        // "yesterday" is not this question's.
+        let window = latest_user_turn(&request.messages)
+            .and_then(|question| temporal::window_of(question, now_ms));
+        // Over-fetch so that the lifts and duplicate collapse can reorder and drop; more when
+        // a time is named, since the memories from then may rank below the first page.
+        let mut candidates = limit.saturating_mul(2).max(limit + 10);
+        if window.is_some() {
+            candidates = candidates.saturating_mul(3);
+        }
+        let keep = MemoryFilter {
+            tags: request.tags,
+            session: session.confined_to(access).map(str::to_owned),
+            since_ms: request.since_ms,
+            until_ms: request.until_ms,
+        };
         let mut recalled = self
-            .recall(access.vault, &query, vector, candidates, keep, true)
+            .recall(access.vault, &query, vector, candidates, keep.boxed(), true)
             .await?;
-        lift_session(
-            &mut recalled,
-            session.id.as_deref(),
-            retrieval.session_boost,
-        );
+        let lifts = Lifts {
+            session: session.id.as_deref(),
+            session_boost: retrieval.session_boost,
+            window,
+            window_boost: retrieval.time_window_boost,
+            now_ms,
+            recency_half_life_days: retrieval.recency_half_life_days,
+            recency_weight: retrieval.recency_weight,
+        };
+        lifts.apply(&mut recalled);
         let mut recalled = collapse_duplicates(recalled);
         recalled.truncate(limit);
-        let mut result = render_context(recalled, context_tokens, self.now_ms());
+        let mut result = render_context(recalled, context_tokens, now_ms);
         result.timing = PrepareTiming {
             embed: embed_timing,
             search: searching.elapsed(),
@@ -159,29 +191,104 @@ impl App {
 
 /// Adds `boost` to the score of each memory of `session`, and sorts best first.
 pub(super) fn lift_session(recalled: &mut [Recalled], session: Option<&str>, boost: f32) {
-    if let Some(session) = session {
-        for memory in recalled.iter_mut() {
-            if memory.record.session_id.as_deref() == Some(session) {
-                memory.score += boost;
-            }
-        }
+    Lifts {
+        session,
+        session_boost: boost,
+        ..Lifts::NONE
     }
-    recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
+    .apply(recalled);
 }
 
-/// A filter keeping memories that carry every tag in `tags`, and only those of `session` when
-/// the request is confined to it; `None` when nothing is filtered.
-fn memory_filter(tags: Vec<String>, session: Option<&str>) -> Option<MetaFilter> {
-    let session = session.map(str::to_owned);
-    if tags.is_empty() && session.is_none() {
-        return None;
+/// What prepare adds to a recalled memory's ranking score (in the hybrid score's standard
+/// deviations) beyond its relevance: its being of the request's session, of the time the
+/// question names, and its age.
+struct Lifts<'a> {
+    session: Option<&'a str>,
+    session_boost: f32,
+    window: Option<temporal::Window>,
+    window_boost: f32,
+    now_ms: i64,
+    /// 0: no recency lift.
+    recency_half_life_days: f32,
+    recency_weight: f32,
+}
+
+impl Lifts<'_> {
+    const NONE: Lifts<'static> = Lifts {
+        session: None,
+        session_boost: 0.0,
+        window: None,
+        window_boost: 0.0,
+        now_ms: 0,
+        recency_half_life_days: 0.0,
+        recency_weight: 0.0,
+    };
+
+    fn lift(&self, record: &crate::store::MemoryRecord) -> f32 {
+        let mut lift = 0.0;
+        if self.session.is_some() && record.session_id.as_deref() == self.session {
+            lift += self.session_boost;
+        }
+        if self
+            .window
+            .is_some_and(|w| w.contains(record.created_at_ms))
+        {
+            lift += self.window_boost;
+        }
+        if self.recency_half_life_days > 0.0 {
+            // A memory from the future (a caller's clock ahead) counts as new, not newer.
+            let age_days = (self.now_ms - record.created_at_ms).max(0) as f32 / 86_400_000.0;
+            lift += self.recency_weight * 0.5f32.powf(age_days / self.recency_half_life_days);
+        }
+        lift
     }
-    Some(Box::new(move |meta: &EntryMeta| {
-        tags.iter().all(|t| meta.tags.contains(t))
-            && session
-                .as_deref()
-                .is_none_or(|s| meta.session_id.as_deref() == Some(s))
-    }))
+
+    /// Lifts each memory's score, and sorts best first.
+    fn apply(&self, recalled: &mut [Recalled]) {
+        for memory in recalled.iter_mut() {
+            memory.score += self.lift(&memory.record);
+        }
+        recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
+    }
+}
+
+/// What prepare keeps: memories carrying every tag asked for, of the session a confined
+/// request is confined to, and in the time asked for.
+struct MemoryFilter {
+    tags: Vec<String>,
+    session: Option<String>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+}
+
+impl MemoryFilter {
+    /// The filter as the index applies it; `None` when it keeps everything.
+    fn boxed(self) -> Option<MetaFilter> {
+        if self.tags.is_empty()
+            && self.session.is_none()
+            && self.since_ms.is_none()
+            && self.until_ms.is_none()
+        {
+            return None;
+        }
+        Some(Box::new(move |meta: &EntryMeta| {
+            self.tags.iter().all(|t| meta.tags.contains(t))
+                && self.session.as_deref().is_none_or(|s| {
+                    meta.session_id.is_none() || meta.session_id.as_deref() == Some(s)
+                })
+                && self.since_ms.is_none_or(|at| meta.created_at_ms >= at)
+                && self.until_ms.is_none_or(|at| meta.created_at_ms < at)
+        }))
+    }
+}
+
+/// The text of the conversation's latest user turn.
+fn latest_user_turn(messages: &[Message]) -> Option<&str> {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User && !m.content.trim().is_empty())
+        .map(|m| m.content.as_str())
 }
 
 /// Characters of each earlier turn a short question takes into its query: its end, the part
@@ -202,7 +309,7 @@ pub fn build_query(
         .rposition(|m| m.role == Role::User && !m.content.trim().is_empty())?;
     let question = messages[latest].content.trim();
     let mut parts = vec![question.to_owned()];
-    let mut words = question.split_whitespace().count();
+    let mut words = crate::index::word_count(question);
     for earlier in messages[..latest].iter().rev() {
         if words >= short_query_words || parts.len() >= 3 {
             break;
@@ -211,7 +318,7 @@ pub fn build_query(
             continue;
         }
         let text = tail(earlier.content.trim(), EARLIER_TURN_CHARS);
-        words += text.split_whitespace().count();
+        words += crate::index::word_count(&text);
         parts.push(text);
     }
     Some(parts.join("\n").chars().take(max_chars).collect())

@@ -85,6 +85,8 @@ pub struct Warmed {
 #[derive(Clone)]
 struct Filter {
     session_id: Option<String>,
+    /// With `session_id`: memories stored without a session pass too (a confined request).
+    with_sessionless: bool,
     tags: Vec<String>,
     since_ms: Option<i64>,
     until_ms: Option<i64>,
@@ -105,7 +107,7 @@ impl Filter {
     fn accepts_fields(&self, created_at_ms: i64, session: Option<&str>, tags: &[String]) -> bool {
         self.session_id
             .as_deref()
-            .is_none_or(|s| session == Some(s))
+            .is_none_or(|s| session == Some(s) || (self.with_sessionless && session.is_none()))
             && self.tags.iter().all(|t| tags.contains(t))
             && self.since_ms.is_none_or(|at| created_at_ms >= at)
             && self.until_ms.is_none_or(|at| created_at_ms < at)
@@ -142,6 +144,7 @@ impl App {
             .clone()
             .filter(|_| request.session_id.is_none() && confined.is_none());
         let filter = Filter {
+            with_sessionless: request.session_id.is_none() && confined.is_some(),
             session_id: request.session_id.or(confined),
             tags: request.tags,
             since_ms: request.since_ms,

@@ -4,7 +4,9 @@
 //! request's own session lifted in the ranking: the better product. Some clients use sessions
 //! as a boundary instead (hermes-memoryrouter's `vault: session`), so isolation can be asked
 //! for per request (`X-Session-Isolation`, `session_isolation`) or set as a key's default; a
-//! confined request sees only its session's memories on prepare, search and upload alike.
+//! confined request sees only its session's memories, and those stored without a session (the
+//! user's "core" memory, as MemoryRouter calls it), on prepare and search alike, and writes an
+//! upload only into its session.
 
 use crate::auth::MemoryAccess;
 

@@ -12,8 +12,8 @@ use crate::auth::{Mode, KEY_PREFIX};
 use crate::bounds::{MAX_CREDENTIAL_LEN, MAX_LABEL_CHARS, MAX_QUERY_PARAMS};
 use crate::error::ApiError;
 
-/// Media types an upload may declare: JSON Lines by any of its common names, and what
-/// MemoryRouter's own clients send (`text/plain`, or curl's default), and none at all.
+/// Media types an upload may declare: JSON Lines by any of its common names, what MemoryRouter's
+/// own clients send (`text/plain`, or curl's default, or JSON), and none at all.
 pub const JSONL_TYPES: &[&str] = &[
     "application/x-ndjson",
     "application/jsonl",
@@ -22,6 +22,7 @@ pub const JSONL_TYPES: &[&str] = &[
     "text/plain",
     "application/octet-stream",
     "application/x-www-form-urlencoded",
+    "application/json",
     "",
 ];
 

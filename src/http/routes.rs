@@ -337,11 +337,14 @@ pub(super) async fn dispatch(
         }
         (Route::Prepare, _) => {
             query.only(&[])?;
-            let (access, session) = memory_caller(app, credential, &request).await?;
+            let (mut access, session) = memory_caller(app, credential, &request).await?;
+            let headers_mode = memory_mode(request.headers())?;
             let body = read_json_body(app, request, max_body).await?;
             let max_messages = app.config().limits.max_messages;
             let (prepare, said) =
                 wire::parse::<wire::WirePrepare>(&body)?.into_request(max_messages)?;
+            // What the request's headers and body say of memory only ever narrows the key's.
+            access.mode = access.mode.and(headers_mode).and(said.mode);
             let session = with_body(session, said);
             let result = app.prepare(&access, &session, prepare).await?;
             let mut response = json(StatusCode::OK, &wire::WirePrepared::from(&result));
@@ -352,11 +355,13 @@ pub(super) async fn dispatch(
         }
         (Route::Ingest, _) => {
             query.only(&[])?;
-            let (access, session) = memory_caller(app, credential, &request).await?;
+            let (mut access, session) = memory_caller(app, credential, &request).await?;
+            let headers_mode = memory_mode(request.headers())?;
             let body = read_json_body(app, request, max_body).await?;
             let max_messages = app.config().limits.max_messages;
             let (ingest, said) =
                 wire::parse::<wire::WireIngest>(&body)?.into_request(max_messages)?;
+            access.mode = access.mode.and(headers_mode).and(said.mode);
             let session = with_body(session, said);
             let result = app.ingest(&access, &session, ingest).await?;
             let ids: Vec<String> = result.ids.iter().map(ToString::to_string).collect();
@@ -477,16 +482,14 @@ pub(super) async fn dispatch(
     }
 }
 
-/// A memory key's capability, narrowed by the request's memory headers, and the request's
-/// session as its headers give it.
+/// A memory key's capability and the request's session as its headers give it.
 async fn memory_caller(
     app: &std::sync::Arc<App>,
     credential: Option<&str>,
     request: &Request<Incoming>,
 ) -> Result<(MemoryAccess, SessionScope), ApiError> {
-    let mut access = app.memory_access(credential).await?;
+    let access = app.memory_access(credential).await?;
     let headers = request.headers();
-    access.mode = access.mode.and(memory_mode(headers)?);
     let session = SessionScope {
         id: session_id(headers)?,
         isolation: session_isolation(headers)?,

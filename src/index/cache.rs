@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use super::graph::Graph;
-use super::lexical::terms;
+use super::lexical::{terms, TERMS_VERSION};
 use super::vault::VaultIndex;
 use crate::crypto::VaultCipher;
 use crate::ids::{MemoryId, VaultId};
@@ -291,10 +291,11 @@ impl Indexes {
 fn load(store: &dyn Backend, vault: VaultId, cipher: &VaultCipher) -> anyhow::Result<VaultIndex> {
     let mut index = VaultIndex::new();
     for (id, vector, mut meta) in store.vault_vectors(vault, cipher)? {
-        if meta.terms.is_empty() {
-            // Stored without its terms (or it has none): derived again from the text.
+        if meta.terms.is_empty() || meta.terms_version != TERMS_VERSION {
+            // Stored without its terms, or made by another version: derived again from the text.
             if let Some(record) = store.memory(vault, cipher, id)? {
                 meta.terms = terms(&record.content);
+                meta.terms_version = TERMS_VERSION;
             }
         }
         index.insert_with_meta(id, &vector, meta);

@@ -194,7 +194,7 @@ impl VaultIndex {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::index::terms;
+    use crate::index::{terms, TERMS_VERSION};
     use crate::vector::{UnitVector, DIM};
 
     /// A pseudo-random unit vector; different seeds are nearly orthogonal.
@@ -241,6 +241,7 @@ pub(super) mod tests {
             session_id: Some(session.into()),
             tags: Vec::new(),
             terms: terms(text),
+            terms_version: TERMS_VERSION,
         }
     }
 
@@ -310,6 +311,7 @@ pub(super) mod tests {
                     Vec::new()
                 },
                 terms: Vec::new(),
+                terms_version: TERMS_VERSION,
             };
             index.insert_with_meta(MemoryId(i), &unit(i), meta);
         }
@@ -392,6 +394,7 @@ pub(super) mod tests {
             session_id: None,
             tags: Vec::new(),
             terms: terms(text),
+            terms_version: TERMS_VERSION,
         };
         let mut index = VaultIndex::new();
         index.insert_with_meta(MemoryId(0), &unit(0), at(0, "pottery workshop"));
@@ -436,6 +439,7 @@ pub(super) mod tests {
                     words[i as usize % 7],
                     words[(i as usize * 3) % 7]
                 )),
+                terms_version: TERMS_VERSION,
             };
             (MemoryId(i), unit(i), meta)
         };

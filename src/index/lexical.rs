@@ -1,9 +1,12 @@
 //! The lexical half of hybrid retrieval: terms of a text, and a BM25 index over one vault.
 //!
-//! A memory's terms are its lower-cased alphanumeric words, stop words dropped, Snowball-stemmed
-//! (English). They are computed once, when the memory is embedded, and kept sealed beside its
-//! vector, so a vault's lexical index is rebuilt from the store with the vector index and erased
-//! with it.
+//! A memory's terms are its words by Unicode's word boundaries (UAX #29), lower-cased, with
+//! English stop words dropped and English words (ASCII ones) Snowball-stemmed; other languages'
+//! words are kept as they are. Scripts written without spaces (Chinese, Japanese, Korean, Thai
+//! and their neighbours) are cut into overlapping character pairs, the usual way to index them
+//! without a dictionary. Terms are computed once, when the memory is embedded, and kept sealed
+//! beside its vector (with [`TERMS_VERSION`]: older ones are derived again at load), so a
+//! vault's lexical index is rebuilt from the store with the vector index and erased with it.
 //!
 //! Each memory is scored as a small window: its own terms plus those of the memories just before
 //! and after it in the same session ([`SessionLinks`]). A turn like "Yes, last Tuesday!" then
@@ -13,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use rust_stemmers::{Algorithm, Stemmer};
+use unicode_segmentation::UnicodeSegmentation;
 
 use super::session::{Inserted, SessionLinks};
 use crate::bounds::MAX_TERM_CHARS;
@@ -44,25 +48,87 @@ fn is_stop_word(word: &str) -> bool {
     STOP_WORDS.contains(&word)
 }
 
+/// The version of [`terms`] that stored terms were made by; index metadata of another version is
+/// derived again from the memory's text when a vault is loaded.
+pub const TERMS_VERSION: u8 = 2;
+
+/// Whether a character belongs to a script written without spaces between words, indexed by
+/// character pairs.
+fn is_unspaced(c: char) -> bool {
+    matches!(c as u32,
+        0x0E00..=0x0EFF      // Thai, Lao
+        | 0x1000..=0x109F    // Myanmar
+        | 0x1780..=0x17FF    // Khmer
+        | 0x3040..=0x30FF    // Hiragana, Katakana
+        | 0x3400..=0x4DBF    // CJK extension A
+        | 0x4E00..=0x9FFF    // CJK unified ideographs
+        | 0xAC00..=0xD7AF    // Hangul syllables
+        | 0xF900..=0xFAFF    // CJK compatibility ideographs
+        | 0xFF66..=0xFF9F    // half-width Katakana
+        | 0x20000..=0x2FA1F  // CJK extensions B and beyond
+    )
+}
+
 /// A text's terms with their counts, in first-seen order.
 pub fn terms(text: &str) -> Vec<(String, u32)> {
     let mut counts: Vec<(String, u32)> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut add = |term: String| match seen.get(&term) {
+        Some(&at) => counts[at].1 += 1,
+        None => {
+            seen.insert(term.clone(), counts.len());
+            counts.push((term, 1));
+        }
+    };
     let lower = text.to_lowercase();
-    for word in lower.split(|c: char| !c.is_alphanumeric()) {
-        if word.is_empty() || word.chars().count() > MAX_TERM_CHARS || is_stop_word(word) {
+    let mut rest = lower.as_str();
+    while !rest.is_empty() {
+        // The text alternates between runs of unspaced scripts and the rest.
+        let unspaced = rest.chars().next().is_some_and(is_unspaced);
+        let end = rest
+            .char_indices()
+            .find(|(_, c)| is_unspaced(*c) != unspaced)
+            .map_or(rest.len(), |(at, _)| at);
+        let (run, after) = rest.split_at(end);
+        rest = after;
+        if unspaced {
+            let chars: Vec<char> = run.chars().collect();
+            if chars.len() == 1 {
+                add(run.to_owned());
+            }
+            for pair in chars.windows(2) {
+                add(pair.iter().collect());
+            }
             continue;
         }
-        let stem = stemmer().stem(word).into_owned();
-        match seen.get(&stem) {
-            Some(&at) => counts[at].1 += 1,
-            None => {
-                seen.insert(stem.clone(), counts.len());
-                counts.push((stem, 1));
+        for word in run.unicode_words() {
+            // "don't", "Caroline's": the parts, as English stemming and stop words expect.
+            for piece in word.split(['\'', '\u{2019}']) {
+                if piece.is_empty() || piece.chars().count() > MAX_TERM_CHARS || is_stop_word(piece)
+                {
+                    continue;
+                }
+                if piece.is_ascii() {
+                    add(stemmer().stem(piece).into_owned());
+                } else {
+                    add(piece.to_owned());
+                }
             }
         }
     }
     counts
+}
+
+/// About how many words `text` holds: its words by Unicode's boundaries, and a word for every
+/// two characters of a script written without spaces (a Chinese or Japanese word is one to
+/// three characters), so that a sentence in those scripts is not taken for a one-word reply.
+pub fn word_count(text: &str) -> usize {
+    let unspaced = text.chars().filter(|c| is_unspaced(*c)).count();
+    let spaced = text
+        .unicode_words()
+        .filter(|word| !word.chars().any(is_unspaced))
+        .count();
+    spaced + unspaced.div_ceil(2)
 }
 
 /// A BM25 index over the windows of one vault's memories, addressed by position.
@@ -304,6 +370,54 @@ mod tests {
         );
         assert!(terms("the and of to").is_empty());
         assert!(terms(&"x".repeat(41)).is_empty());
+    }
+
+    #[test]
+    fn words_are_counted_in_every_script() {
+        assert_eq!(word_count("Yes, last Tuesday!"), 3);
+        assert_eq!(word_count("Ich wohne in München."), 4);
+        assert_eq!(word_count("我在上海的一家银行工作，已经五年了。"), 8);
+        assert_eq!(word_count("はい"), 1);
+        assert_eq!(word_count("I live in 東京 now"), 5);
+        assert_eq!(word_count(""), 0);
+    }
+
+    fn words(text: &str) -> Vec<String> {
+        terms(text).into_iter().map(|(t, _)| t).collect()
+    }
+
+    #[test]
+    fn other_languages_keep_their_words_and_unspaced_scripts_are_cut_in_pairs() {
+        // An ASCII word takes the English stemmer whatever its language ("wohne"); the same on
+        // both sides of the match, so it costs a German word nothing but its ending.
+        assert_eq!(
+            words("Ich wohne in München, die Häuser sind alt."),
+            ["ich", "wohn", "münchen", "die", "häuser", "sind", "alt"]
+        );
+        assert_eq!(
+            words("Mis años en Sevilla"),
+            ["mis", "años", "en", "sevilla"]
+        );
+        assert_eq!(words("我住在北京"), ["我住", "住在", "在北", "北京"]);
+        assert_eq!(
+            words("東京に住んでいます"),
+            ["東京", "京に", "に住", "住ん", "んで", "でい", "いま", "ます"]
+        );
+        assert_eq!(words("서울에 살아요"), ["서울", "울에", "살아", "아요"]);
+        // Mixed: each part as its own script wants; a lone ideograph is itself.
+        assert_eq!(words("My code 是 zx81"), ["code", "是", "zx81"]);
+        // A Devanagari word keeps its vowel signs (a split on non-alphanumerics lost them).
+        assert_eq!(words("नमस्ते दुनिया"), ["नमस्ते", "दुनिया"]);
+        assert_eq!(words("I don't like Caroline's"), ["like", "carolin"]);
+    }
+
+    #[test]
+    fn a_chinese_sentence_is_found_by_a_question_sharing_its_words() {
+        let mut index = Chained::default();
+        index.push("a", "我的猫叫小白，它很喜欢睡觉。");
+        index.push("b", "明天我要去上海出差。");
+        let scores = index.scores("我的猫叫什么名字？");
+        assert!(scores[0] > scores[1], "{scores:?}");
     }
 
     #[test]

@@ -22,5 +22,5 @@ mod vault;
 pub use self::cache::Indexes;
 pub use self::dot::dot;
 pub use self::hybrid::{fuse, HybridParams, Ranked};
-pub use self::lexical::{terms, LexicalIndex};
+pub use self::lexical::{terms, word_count, LexicalIndex, TERMS_VERSION};
 pub use self::vault::VaultIndex;

@@ -125,6 +125,13 @@ pub struct EntryMeta {
     /// The memory's own lexical terms and counts (`index::terms`).
     #[serde(rename = "w", default)]
     pub terms: Vec<(String, u32)>,
+    /// The version of `index::terms` that made `terms` (1: before versions were written).
+    #[serde(rename = "v", default = "first_terms_version")]
+    pub terms_version: u8,
+}
+
+fn first_terms_version() -> u8 {
+    1
 }
 
 /// What an erasure removed.

@@ -111,6 +111,7 @@ mod tests {
             session_id: Some("s".into()),
             tags: vec!["t".into()],
             terms: vec![("word".into(), 2)],
+            terms_version: 2,
         };
         store
             .insert_vectors(a, &ca, &[(ids[0].0, unit_vector(1), meta.clone())])

@@ -12,6 +12,7 @@ use crate::app::keys::MintRequest;
 use crate::app::prepare::{Density, PrepareRequest};
 use crate::app::search::SearchRequest;
 use crate::app::upload::UploadLine;
+use crate::auth::Mode;
 use crate::bounds::MAX_LABEL_CHARS;
 use crate::error::ApiError;
 use crate::ids::{MemoryId, Role, Scope};
@@ -51,6 +52,14 @@ pub struct WirePrepare {
     session_id: Option<Value>,
     #[serde(default)]
     session_isolation: Option<Value>,
+    #[serde(default)]
+    now: Option<Value>,
+    #[serde(default)]
+    since: Option<Value>,
+    #[serde(default)]
+    until: Option<Value>,
+    #[serde(flatten)]
+    switches: WireMemorySwitches,
     // `max_tokens`, if any, is the forwarded chat request's model setting, not ours: ignored
     // like every other unknown field.
 }
@@ -64,14 +73,56 @@ pub struct WireIngest {
     tags: Vec<String>,
     #[serde(default)]
     session_id: Option<Value>,
+    #[serde(flatten)]
+    switches: WireMemorySwitches,
 }
 
-/// What a request body says of its session: its id (winning over `X-Session-ID`) and
-/// whether it is to be confined to it.
-#[derive(Default)]
+/// What a request body says of its session (its id, winning over `X-Session-ID`, and whether
+/// it is to be confined to it) and of memory (MemoryRouter's `memory`, `memory_mode`,
+/// `memory_store`: they narrow what the request may do, as the headers do).
 pub struct BodySession {
     pub id: Option<String>,
     pub isolation: Option<bool>,
+    pub mode: Mode,
+}
+
+/// MemoryRouter's memory switches in a body.
+#[derive(Deserialize, Default)]
+pub struct WireMemorySwitches {
+    #[serde(default)]
+    memory: Option<Value>,
+    #[serde(default)]
+    memory_mode: Option<Value>,
+    #[serde(default)]
+    memory_store: Option<Value>,
+}
+
+impl WireMemorySwitches {
+    fn mode(self) -> Result<Mode, ApiError> {
+        let mut mode = Mode::FULL;
+        if boolean_field("memory", self.memory)? == Some(false) {
+            mode = Mode::parse("off").expect("off is a mode");
+        }
+        match self.memory_mode {
+            None | Some(Value::Null) => {}
+            Some(Value::String(text)) => {
+                let named = Mode::parse(&text.to_ascii_lowercase()).ok_or_else(|| {
+                    ApiError::invalid("`memory_mode` must be full (or on), read, write or off")
+                })?;
+                mode = mode.and(named);
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "`memory_mode` must be a string, got {}",
+                    kind_of(&other)
+                )))
+            }
+        }
+        if boolean_field("memory_store", self.memory_store)? == Some(false) {
+            mode.store = false;
+        }
+        Ok(mode)
+    }
 }
 
 #[derive(Deserialize)]
@@ -323,10 +374,14 @@ impl WirePrepare {
             context_tokens: positive_integer("context_tokens", self.context_tokens)?,
             density,
             tags: self.tags,
+            now_ms: timestamp_ms("now", self.now)?,
+            since_ms: timestamp_ms("since", self.since)?,
+            until_ms: timestamp_ms("until", self.until)?,
         };
         let session = BodySession {
             id: session_field(self.session_id)?,
             isolation: boolean_field("session_isolation", self.session_isolation)?,
+            mode: self.switches.mode()?,
         };
         Ok((request, session))
     }
@@ -352,6 +407,7 @@ impl WireIngest {
         let session = BodySession {
             id: session_field(self.session_id)?,
             isolation: None,
+            mode: self.switches.mode()?,
         };
         Ok((request, session))
     }

@@ -126,6 +126,7 @@ pub struct WireKeyInfo {
     status: &'static str,
     rotated_to: Option<String>,
     rotated_from: Option<String>,
+    session_isolation: bool,
 }
 
 impl From<KeyInfo> for WireKeyInfo {
@@ -147,6 +148,7 @@ impl From<KeyInfo> for WireKeyInfo {
             status: info.status.as_str(),
             rotated_to: record.rotated_to.map(|id| id.to_string()),
             rotated_from: record.rotated_from.map(|id| id.to_string()),
+            session_isolation: record.session_isolation,
         }
     }
 }
@@ -248,10 +250,14 @@ pub fn audit_page(entries: &[AuditEntry], next: Option<u64>) -> Value {
 }
 
 pub fn warmed(warmed: &Warmed) -> Value {
+    let ms = warmed.took.as_secs_f64() * 1000.0;
     serde_json::json!({
         "status": "warm",
         "memories": warmed.memories,
         "pending": warmed.pending,
-        "load_ms": warmed.took.as_secs_f64() * 1000.0,
+        "load_ms": ms,
+        // MemoryRouter's names for the same.
+        "memories_loaded": warmed.memories,
+        "warmup_ms": ms,
     })
 }
