@@ -1,5 +1,10 @@
 //! Embedding throughput by batch size: the bare model (tokenized input, one ONNX session),
 //! and tokenization alone. `cargo bench --bench embedding`.
+//!
+//! `BENCH_OTHER_MODELS_DIR=DIR` adds the group `embed_model_ab`: this models directory's model
+//! and DIR's (another `model.onnx` beside the same runtime and tokenizer), both run the daemon's
+//! way, one after the other at each batch size in one process, so that their ratio is measured in
+//! one run.
 
 use std::path::Path;
 use std::time::Duration;
@@ -121,6 +126,49 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    if let Some(other) = std::env::var_os("BENCH_OTHER_MODELS_DIR") {
+        let other = Path::new(&other);
+        let mut sessions = [
+            ("this", load_session(models(), &daemon).expect("model")),
+            (
+                "other",
+                load_session(other, &daemon).expect("the other model"),
+            ),
+        ];
+        let mut group = c.benchmark_group("embed_model_ab");
+        group
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(6));
+        for batch in [1usize, 8, 32] {
+            let texts: Vec<&[u32]> = (0..batch)
+                .map(|i| tokens[i % tokens.len()].as_slice())
+                .collect();
+            group.throughput(Throughput::Elements(batch as u64));
+            for (name, session) in &mut sessions {
+                group.bench_function(format!("{name}/batch={batch}"), |b| {
+                    b.iter(|| run_batch(session, &texts).unwrap())
+                });
+            }
+        }
+        group.bench_function("this/mixed_sorted_budget_2048", |b| {
+            let batches = split_by_budget(&sorted, 32, 2048);
+            b.iter(|| {
+                for batch in &batches {
+                    run_batch(&mut sessions[0].1, batch).unwrap();
+                }
+            })
+        });
+        group.bench_function("other/mixed_sorted_budget_2048", |b| {
+            let batches = split_by_budget(&sorted, 32, 2048);
+            b.iter(|| {
+                for batch in &batches {
+                    run_batch(&mut sessions[1].1, batch).unwrap();
+                }
+            })
+        });
+        group.finish();
+    }
 
     let mut group = c.benchmark_group("tokenize");
     group.throughput(Throughput::Elements(1));

@@ -142,6 +142,7 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
                         tags: Vec::new(),
                         digest: String::new(),
                         passage: None,
+                        superseded_by: None,
                     },
                     explicit_timestamp: false,
                 })

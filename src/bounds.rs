@@ -10,6 +10,8 @@ pub const MAX_LABEL_CHARS: usize = 200;
 pub const MAX_TAGS: usize = 20;
 /// Longest tag, in characters.
 pub const MAX_TAG_CHARS: usize = 64;
+/// Most memory ids one ingest, or one upload line, may supersede.
+pub const MAX_SUPERSEDES: usize = 100;
 
 /// Longest key name, in characters.
 pub const MAX_KEY_NAME_CHARS: usize = 200;

@@ -40,6 +40,11 @@ pub struct Flags {
     /// Address to listen on (use port 0 for any free port).
     #[arg(long, env = "MEMORY_SIDECAR_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// A second address for the operator's routes: when set, key management, vault removal,
+    /// the audit log and /metrics are served there and answer 404 on --listen, which then
+    /// carries prepare, ingest and the memory routes alone (health on both).
+    #[arg(long, env = "MEMORY_SIDECAR_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Directory for the store and the generated admin key.
     #[arg(long, env = "MEMORY_SIDECAR_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -264,7 +269,7 @@ pub struct Flags {
     pub session_boost: f32,
     /// Added to the ranking score (in standard deviations) of memories from the time a
     /// question names ("yesterday", "last week", "in May"), relative to the request's `now`.
-    #[arg(long, env = "MEMORY_SIDECAR_TIME_WINDOW_BOOST", default_value_t = 1.0)]
+    #[arg(long, env = "MEMORY_SIDECAR_TIME_WINDOW_BOOST", default_value_t = 0.5)]
     pub time_window_boost: f32,
     /// Half-life, in days, of the recency lift: a memory this old gets half of
     /// `--recency-weight`. 0 turns recency off, ranking by relevance alone.
@@ -295,6 +300,14 @@ pub struct Flags {
     /// replaced store), serving what it still holds; the ledger is reset to the store.
     #[arg(long, env = "MEMORY_SIDECAR_ACCEPT_LOST_COMMITS")]
     pub accept_lost_commits: bool,
+    /// When the store's vectors come from another model than the one in --models-dir: embed
+    /// every memory again with this one (ready once done) instead of refusing to start.
+    #[arg(long, env = "MEMORY_SIDECAR_REEMBED")]
+    pub reembed: bool,
+    /// Once the store has failed in the way that needs a restart, keep serving reads (for
+    /// inspection) instead of draining and exiting with code 3.
+    #[arg(long, env = "MEMORY_SIDECAR_KEEP_SERVING_AFTER_STORAGE_FAILURE")]
+    pub keep_serving_after_storage_failure: bool,
     /// sled's page cache, in bytes.
     #[arg(long, env = "MEMORY_SIDECAR_CACHE_BYTES", default_value_t = 256 << 20)]
     pub cache_bytes: u64,
@@ -305,6 +318,7 @@ pub struct Flags {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub master_key_file: PathBuf,
     pub models_dir: PathBuf,
@@ -316,12 +330,16 @@ pub struct Config {
     pub retrieval: RetrievalConfig,
     pub cache_bytes: u64,
     pub accept_lost_commits: bool,
+    pub reembed: bool,
+    pub keep_serving_after_storage_failure: bool,
 }
 
 /// HTTP's own bounds: connections, time, body bytes. Passed to `http::serve`; the domain
 /// never reads them.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
+    /// Which routes this listener serves.
+    pub surface: Surface,
     pub max_body_bytes: usize,
     pub max_upload_bytes: usize,
     pub max_connections: usize,
@@ -329,6 +347,17 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+}
+
+/// The routes one listener serves: all of them (one listener), or, with `--admin-listen`, the
+/// gateway's (prepare, ingest, the memory routes, MCP) on `--listen` and the operator's (keys,
+/// vaults, audit, metrics) on the admin listener. Health routes and the API description are on
+/// every listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    All,
+    Gateway,
+    Admin,
 }
 
 /// Bounds on everything a request can make the domain hold.
@@ -561,6 +590,7 @@ impl Flags {
         }
         Ok(Config {
             listen: self.listen,
+            admin_listen: self.admin_listen,
             master_key_file: self
                 .master_key_file
                 .unwrap_or_else(|| self.data_dir.join("master.key")),
@@ -569,6 +599,7 @@ impl Flags {
             log_format: self.log_format,
             log: self.log,
             http: HttpConfig {
+                surface: Surface::All,
                 max_body_bytes: self.max_body_bytes,
                 max_upload_bytes: self.max_upload_bytes,
                 max_connections: self.max_connections,
@@ -622,6 +653,8 @@ impl Flags {
             },
             cache_bytes: self.cache_bytes,
             accept_lost_commits: self.accept_lost_commits,
+            reembed: self.reembed,
+            keep_serving_after_storage_failure: self.keep_serving_after_storage_failure,
         })
     }
 }

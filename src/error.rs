@@ -37,6 +37,8 @@ pub enum ApiError {
     MemoryNotFound(String),
     #[error("no vault {0}")]
     VaultNotFound(String),
+    #[error("memory {id} was superseded by {by}: correct that one instead")]
+    MemorySuperseded { id: String, by: String },
     #[error("{0}")]
     KeyInactive(String),
     #[error("the vault already has {max} active keys; revoke some first")]
@@ -125,6 +127,7 @@ impl ApiError {
             KeyNotFound(_) => ("key_not_found", 404),
             MemoryNotFound(_) => ("memory_not_found", 404),
             VaultNotFound(_) => ("vault_not_found", 404),
+            MemorySuperseded { .. } => ("memory_superseded", 409),
             KeyInactive(_) => ("key_inactive", 409),
             TooManyKeys { .. } => ("too_many_keys", 409),
             VaultIdRequired => ("vault_id_required", 400),

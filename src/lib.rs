@@ -8,8 +8,8 @@
 //!
 //! # Layers
 //!
-//! `bounds, ids, vector, clock, fsio, metrics -> config, throttle, error -> auth, crypto -> store
-//! -> embed, index -> app -> http` (then `main.rs`). A module imports only from layers to its
+//! `bounds, ids, vector, clock, fsio, metrics, notify -> config, throttle, error -> auth, crypto
+//! -> store -> embed, index -> app -> http` (then `main.rs`). A module imports only from layers to its
 //! left; `tests/layers.rs` reads every `crate::` path in `src/` and fails on one that points
 //! right, or at a module missing from this line.
 //!
@@ -139,6 +139,7 @@ pub mod http;
 pub mod ids;
 pub mod index;
 pub mod metrics;
+pub mod notify;
 pub mod store;
 pub mod throttle;
 pub mod vector;

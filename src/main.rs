@@ -1,17 +1,21 @@
 //! The `memory-sidecar` binary: flags -> Config -> tracing -> App -> serve -> close -> exit code.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use memory_sidecar::app::App;
+use memory_sidecar::app::{App, EXIT_STORAGE_FAILED};
 use memory_sidecar::auth::AdminKey;
 use memory_sidecar::clock::SystemClock;
-use memory_sidecar::config::{Config, Flags, LogFormat};
+use memory_sidecar::config::{Config, Flags, HttpConfig, LogFormat, Surface};
 use memory_sidecar::crypto::MasterKey;
+use memory_sidecar::http::serve;
 use memory_sidecar::metrics::Metrics;
+use memory_sidecar::notify;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -28,7 +32,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Cleanly) => ExitCode::SUCCESS,
+        Ok(Stopped::StorageFailed) => ExitCode::from(EXIT_STORAGE_FAILED),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "start-up or shutdown failed");
             eprintln!("memory-sidecar: {error:#}");
@@ -50,8 +55,34 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the app, serves until SIGTERM or SIGINT, then closes the app whatever happened.
-fn run(config: Config) -> anyhow::Result<()> {
+/// Binds a listener, logs `message` with its address, and prints `line` and the address on
+/// stdout, for scripts and tests that asked for port 0. A closed stdout is no reason to stop:
+/// the log says the same.
+async fn bind(address: SocketAddr, message: &str, line: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "{message}");
+    if let Err(error) = writeln!(std::io::stdout().lock(), "{line} http://{address}") {
+        tracing::warn!(%error, "could not write the listening address to stdout");
+    }
+    Ok(listener)
+}
+
+/// Why serving ended.
+#[derive(Clone, Copy)]
+enum Stopped {
+    /// SIGTERM or SIGINT.
+    Cleanly,
+    /// The store failed in the way that needs a restart: drained, then exit code 3.
+    StorageFailed,
+}
+
+/// Opens the app, serves until SIGTERM or SIGINT (or a storage failure, unless the flag keeps
+/// it serving), then closes the app whatever happened.
+fn run(config: Config) -> anyhow::Result<Stopped> {
+    let keep_serving = config.keep_serving_after_storage_failure;
     let admin = AdminKey::load(&config.data_dir)?;
     let master = MasterKey::load(&config.master_key_file, &config.data_dir.join("keyring"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -59,7 +90,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         .thread_name("http")
         .build()
         .context("starting the async runtime")?;
-    let (listen, http) = (config.listen, config.http.clone());
+    let (listen, admin_listen, http) = (config.listen, config.admin_listen, config.http.clone());
     let app = App::open(
         config,
         admin,
@@ -68,28 +99,107 @@ fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(SystemClock),
     )?;
     let served = runtime.block_on(async {
-        let listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        let address = listener.local_addr()?;
-        tracing::info!(%address, "listening");
-        // A machine-readable line on stdout, for scripts and tests that asked for port 0. A
-        // closed stdout is no reason to stop: the log above says the same.
-        if let Err(error) = writeln!(
-            std::io::stdout().lock(),
-            "memory-sidecar listening on http://{address}"
-        ) {
-            tracing::warn!(%error, "could not write the listening address to stdout");
-        }
+        let listener = bind(listen, "listening", "memory-sidecar listening on").await?;
+        let admin_listener = match admin_listen {
+            Some(address) => Some(
+                bind(address, "admin listening", "memory-sidecar admin listening on").await?,
+            ),
+            None => None,
+        };
         app.start()?;
-        memory_sidecar::http::serve(app.clone(), listener, http, shutdown_signal()).await
+        if let Some(every) = notify::watchdog_interval() {
+            tokio::spawn(watchdog(every));
+        }
+        // One shutdown for every listener: the first signal (or storage failure) stops all.
+        let (stop, stopped) = tokio::sync::watch::channel(None::<Stopped>);
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<Option<Stopped>>| async move {
+            let _ = stopped.wait_for(Option::is_some).await;
+        };
+        let why = {
+            let app = app.clone();
+            async move {
+                let why = tokio::select! {
+                    () = shutdown_signal() => Stopped::Cleanly,
+                    () = storage_failure(app), if !keep_serving => Stopped::StorageFailed,
+                };
+                let _ = stop.send(Some(why));
+            }
+        };
+        tokio::spawn(why);
+        let gateway = HttpConfig {
+            surface: match admin_listener {
+                Some(_) => Surface::Gateway,
+                None => Surface::All,
+            },
+            ..http.clone()
+        };
+        let main = serve(app.clone(), listener, gateway, until_stopped(stopped.clone()));
+        match admin_listener {
+            Some(admin_listener) => {
+                let admin = HttpConfig {
+                    surface: Surface::Admin,
+                    ..http
+                };
+                let admin = serve(
+                    app.clone(),
+                    admin_listener,
+                    admin,
+                    until_stopped(stopped.clone()),
+                );
+                let (main, admin) = tokio::join!(main, admin);
+                main?;
+                admin?;
+            }
+            None => main.await?,
+        }
+        let why = stopped.borrow().unwrap_or(Stopped::Cleanly);
+        anyhow::Ok(why)
     });
     // Off the runtime: closing joins threads and fsyncs.
     let closed = app.close();
-    served?;
-    closed?;
-    tracing::info!("stopped cleanly");
-    Ok(())
+    match served? {
+        Stopped::StorageFailed => {
+            if let Err(error) = closed {
+                tracing::warn!(error = %format!("{error:#}"), "closing the failed store");
+            }
+            tracing::error!(
+                code = EXIT_STORAGE_FAILED,
+                "stopped after a storage failure; a restart reopens the store"
+            );
+            Ok(Stopped::StorageFailed)
+        }
+        Stopped::Cleanly => {
+            closed?;
+            tracing::info!("stopped cleanly");
+            Ok(Stopped::Cleanly)
+        }
+    }
+}
+
+/// Resolves once the store has failed in the way only a restart mends.
+async fn storage_failure(app: Arc<App>) {
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        every.tick().await;
+        if !app.is_healthy() {
+            tracing::error!(
+                "the store refuses writes until a restart: draining, then exiting with code {} \
+                 (--keep-serving-after-storage-failure keeps serving reads instead)",
+                EXIT_STORAGE_FAILED
+            );
+            return;
+        }
+    }
+}
+
+/// `WATCHDOG=1` from the serving runtime, so that a runtime that stops making progress ends in
+/// the service manager's restart (a failed store ends in exit code 3 instead).
+async fn watchdog(every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        notify::notify("WATCHDOG=1");
+    }
 }
 
 async fn shutdown_signal() {

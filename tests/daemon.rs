@@ -756,6 +756,114 @@ fn a_missing_model_file_stops_start_up_and_names_the_fix() {
     assert!(stderr.contains("make models"), "{stderr}");
 }
 
+/// Vectors are only comparable within one model: a store made with another model file is
+/// refused until `--reembed`, which embeds every memory again before the daemon is ready.
+/// The second "model" here is the same model with a tokenizer.json rewritten byte for byte
+/// differently (same vocabulary), so its fingerprint differs and its answers do not.
+#[test]
+fn a_store_from_another_model_is_refused_until_it_is_embedded_again() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[]);
+    let key = daemon.mint_key("model");
+    let facts = [
+        "My sister Ingrid lives in Trondheim and teaches chemistry.",
+        "I keep my bicycle in the shed behind the bakery.",
+        "Our wedding anniversary is on the ninth of April.",
+    ];
+    for fact in facts {
+        daemon.ingest(&key, None, json!([user(fact)]));
+    }
+    daemon.wait_indexed();
+    stop(daemon);
+
+    let other = tempfile::tempdir().unwrap();
+    let models = common::models_dir();
+    for file in ["libonnxruntime.so.1.31.1", "model.onnx"] {
+        std::os::unix::fs::symlink(models.join(file), other.path().join(file)).unwrap();
+    }
+    let tokenizer: Value =
+        serde_json::from_slice(&std::fs::read(models.join("tokenizer.json")).unwrap()).unwrap();
+    std::fs::write(
+        other.path().join("tokenizer.json"),
+        serde_json::to_vec_pretty(&tokenizer).unwrap(),
+    )
+    .unwrap();
+    let other_models = other.path().to_str().unwrap();
+
+    let refused = Daemon::try_spawn(data.path(), &["--models-dir", other_models])
+        .err()
+        .expect("a store from another model must be refused");
+    assert!(
+        refused.contains("another embedding model") && refused.contains("--reembed"),
+        "{refused}"
+    );
+
+    let daemon = Daemon::start(data.path(), &["--models-dir", other_models, "--reembed"]);
+    assert!(
+        daemon.stderr().contains("embedding every memory again"),
+        "{}",
+        daemon.stderr()
+    );
+    let metrics = daemon.request("GET", "/metrics", &[], b"").text();
+    assert_eq!(
+        metric_value(&metrics, "memory_sidecar_embed_pending_memories"),
+        Some(0.0),
+        "ready only once every memory is embedded again"
+    );
+    let answer = daemon.prepare(&key, None, "Where is my bicycle kept?");
+    let context = answer["context"].as_str().unwrap_or_default();
+    assert!(context.contains("shed behind the bakery"), "{answer}");
+    stop(daemon);
+
+    // Recorded: the next start with the new model needs no flag, and the old one is refused.
+    stop(Daemon::start(data.path(), &["--models-dir", other_models]));
+    let refused = Daemon::try_spawn(data.path(), &[]).err().expect("refused");
+    assert!(refused.contains("another embedding model"), "{refused}");
+}
+
+/// `--admin-listen` moves the operator's routes off the gateway's port: keys, vaults, audit and
+/// metrics answer there and 404 on `--listen`, which keeps prepare, ingest and the memory
+/// routes; health answers on both.
+#[test]
+fn the_admin_listener_carries_the_operators_routes_and_the_gateway_port_the_rest() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_addr = free.local_addr().unwrap();
+    drop(free);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--admin-listen", &admin_addr.to_string()]);
+    let admin = common::Client { addr: admin_addr };
+
+    let mint = json!({"name": "split"});
+    let refused = daemon.post_json("/v1/keys", Some(ADMIN_KEY), None, &mint);
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (404, "not_found")
+    );
+    assert_eq!(daemon.request("GET", "/metrics", &[], b"").status, 404);
+    assert_eq!(daemon.request("GET", "/v1/audit", &[], b"").status, 404);
+    let key = admin.mint_key("split");
+    assert_eq!(admin.request("GET", "/metrics", &[], b"").status, 200);
+
+    let stored = daemon.ingest(&key, None, json!([user("My locker number is 4127.")]));
+    let id = stored["ids"][0].as_str().unwrap().to_owned();
+    let body = json!({"messages": [user("What is my locker number?")]});
+    let on_admin = admin.post_json("/v1/memory/prepare", Some(&key), None, &body);
+    assert_eq!(on_admin.status, 404, "prepare is the gateway's");
+    for client in [&*daemon, &admin] {
+        for path in ["/healthz", "/readyz", "/health", "/openapi.json"] {
+            assert_eq!(client.request("GET", path, &[], b"").status, 200, "{path}");
+        }
+    }
+    let found = daemon.prepare_until_found(&key, None, "What is my locker number?", &id);
+    assert!(found.to_string().contains("4127"), "{found}");
+}
+
+/// A clean stop: SIGTERM, and the exit waited for (the store closed, everything committed).
+fn stop(mut daemon: Daemon) {
+    daemon.sigterm();
+    assert!(daemon.wait_exit().success());
+}
+
 #[test]
 fn invalid_configuration_is_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();

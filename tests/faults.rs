@@ -252,8 +252,12 @@ fn a_write_that_fails_loses_nothing_acknowledged_and_reads_go_on() {
         return;
     };
     let (data, args) = data_args(&disk);
-    // No reserve: sled itself meets the full disk.
-    let daemon = start(&data, &args, &["--min-free-mb", "0"]);
+    // No reserve: sled itself meets the full disk. Kept up after the failure, to look at it.
+    let daemon = start(
+        &data,
+        &args,
+        &["--min-free-mb", "0", "--keep-serving-after-storage-failure"],
+    );
     let key = daemon.mint_key("pool");
     let idle = daemon.mint_key("idle");
     let mut acked = Vec::new();
@@ -303,6 +307,12 @@ fn a_write_that_fails_loses_nothing_acknowledged_and_reads_go_on() {
     let ready = daemon.request("GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 503);
     assert_eq!(ready.error_code(), "storage_unavailable");
+    let alive = daemon.request("GET", "/healthz", &[], b"");
+    assert_eq!(
+        alive.status, 503,
+        "a store that needs a restart is not healthy"
+    );
+    assert_eq!(alive.error_code(), "storage_unavailable");
     let metrics = daemon.request("GET", "/metrics", &[], b"").text();
     assert_eq!(
         metric_value(&metrics, "memory_sidecar_storage_healthy"),
@@ -360,4 +370,58 @@ fn a_write_that_fails_loses_nothing_acknowledged_and_reads_go_on() {
     daemon.wait_indexed();
     assert_all_kept(&daemon, &key, &acked, "after a new ingest");
     assert_recalls_locker(&daemon, &key, 600);
+}
+
+/// Without `--keep-serving-after-storage-failure`, a store that needs a restart makes the
+/// daemon drain and exit with code 3, which `Restart=on-failure` acts on; the restart (with room
+/// again) finds every acknowledged memory.
+#[test]
+fn a_failed_store_makes_the_daemon_exit_with_code_3_for_a_restart() {
+    let Some(disk) = SmallDisk::mount(64) else {
+        return;
+    };
+    let (data, args) = data_args(&disk);
+    let mut daemon = start(&data, &args, &["--min-free-mb", "0"]);
+    let key = daemon.mint_key("pool");
+    let mut acked = Vec::new();
+    for n in 0..10 {
+        acked.extend(ids(&daemon.ingest(&key, None, exchange(n, 1))));
+    }
+    disk.fill(0);
+    let mut failed = false;
+    for n in 100..400 {
+        let Ok(response) = daemon.try_call(
+            "POST",
+            "/v1/memory/ingest",
+            &key,
+            None,
+            Some(&json!({"messages": exchange(n, 40)})),
+        ) else {
+            failed = true; // already gone
+            break;
+        };
+        match response.status {
+            202 => acked.extend(ids(&response.json())),
+            503 => {
+                failed = true;
+                break;
+            }
+            other => panic!("ingest on a full disk: {other} {}", response.text()),
+        }
+    }
+    assert!(
+        failed,
+        "300 large ingests on a full 64 MiB disk never failed"
+    );
+    let status = daemon.wait_exit();
+    assert_eq!(status.code(), Some(3), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("exiting with code 3"),
+        "{}",
+        daemon.stderr()
+    );
+
+    disk.empty();
+    let daemon = start(&data, &args, &["--min-free-mb", "0"]);
+    assert_all_kept(&daemon, &key, &acked, "after the restart");
 }

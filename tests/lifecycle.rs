@@ -1176,3 +1176,147 @@ fn close_waits_for_the_indexer_so_nothing_runs_after_the_last_fsync() {
     let daemon = InProcess::start(dir.path(), &[]);
     assert_eq!(daemon.export(&key).len(), 64);
 }
+
+// ---- change: supersedes and corrections
+
+fn context_of(daemon: &Daemon, key: &str, question: &str) -> String {
+    daemon.wait_indexed();
+    let answer = daemon.prepare(key, None, question);
+    answer["context"].as_str().unwrap_or_default().to_owned()
+}
+
+fn first_id(answer: &Value) -> String {
+    answer["ids"][0].as_str().unwrap().to_owned()
+}
+
+/// What changed replaces what was: a superseded memory is never shown again (also after a
+/// restart), is kept in the export with `superseded_by`, and survives an import as such.
+#[test]
+fn a_superseded_memory_is_never_shown_but_kept_for_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = daemon.mint_key("change");
+    let user = |text: &str| json!([{"role": "user", "content": text}]);
+    let berlin = first_id(&daemon.ingest(&key, None, user("I live in Berlin, near the Spree.")));
+    daemon.ingest(&key, None, user("My cat is called Pixel and she is grey."));
+    assert!(context_of(&daemon, &key, "Where do I live?").contains("Berlin"));
+
+    // A wrong id refuses the exchange, storing nothing.
+    let before = daemon.export(&key).len();
+    let body =
+        json!({"messages": user("I live in Lisbon now."), "supersedes": ["mem_00000000deadbeef"]});
+    let refused = daemon.post_json("/v1/memory/ingest", Some(&key), None, &body);
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (404, "memory_not_found")
+    );
+    let body = json!({"messages": user("I live in Lisbon now."), "supersedes": ["Berlin"]});
+    let refused = daemon.post_json("/v1/memory/ingest", Some(&key), None, &body);
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (400, "invalid_request")
+    );
+    assert_eq!(daemon.export(&key).len(), before);
+
+    let body = json!({"messages": user("I moved: I live in Lisbon now, in Alfama."), "supersedes": [berlin]});
+    let moved = daemon.post_json("/v1/memory/ingest", Some(&key), None, &body);
+    assert_eq!(moved.status, 202, "{}", moved.text());
+    let lisbon = first_id(&moved.json());
+    let context = context_of(&daemon, &key, "Where do I live? Berlin or Lisbon?");
+    assert!(
+        context.contains("Lisbon") && !context.contains("Berlin"),
+        "{context}"
+    );
+
+    // A correction: the new text supersedes the old; the old one cannot be corrected again.
+    let path = format!("/v1/memory/{lisbon}");
+    let body = json!({"content": "I live in Porto now, by the river."});
+    let corrected = daemon.call("PATCH", &path, &key, None, Some(&body));
+    assert_eq!(corrected.status, 200, "{}", corrected.text());
+    let porto = corrected.json();
+    assert_eq!(porto["supersedes"], lisbon.as_str());
+    let porto = porto["id"].as_str().unwrap().to_owned();
+    let context = context_of(&daemon, &key, "Where do I live? Lisbon or Porto?");
+    assert!(
+        context.contains("Porto") && !context.contains("Lisbon"),
+        "{context}"
+    );
+    let again = daemon.call("PATCH", &path, &key, None, Some(&body));
+    assert_eq!(
+        (again.status, again.error_code().as_str()),
+        (409, "memory_superseded")
+    );
+    let missing = daemon.call(
+        "PATCH",
+        "/v1/memory/mem_00000000deadbeef",
+        &key,
+        None,
+        Some(&body),
+    );
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (404, "memory_not_found")
+    );
+    let empty = daemon.call("PATCH", &path, &key, None, Some(&json!({"content": " "})));
+    assert_eq!(empty.status, 400);
+    let search = daemon.call(
+        "POST",
+        "/v1/memory/search",
+        &key,
+        None,
+        Some(&json!({"query": "Where do I live? Berlin Lisbon Porto"})),
+    );
+    let found = search.json()["memories"].to_string();
+    assert!(
+        !found.contains("Berlin") && !found.contains("Lisbon"),
+        "{found}"
+    );
+
+    // The export keeps all three, the old ones marked.
+    let exported = daemon.export(&key);
+    let by_id = |id: &str| exported.iter().find(|m| m["id"] == id).cloned().unwrap();
+    assert_eq!(by_id(&berlin)["superseded_by"], lisbon.as_str());
+    assert_eq!(by_id(&lisbon)["superseded_by"], porto.as_str());
+    assert!(by_id(&porto).get("superseded_by").is_none());
+
+    // Saying the old thing again is a new memory, shown again.
+    daemon.ingest(&key, None, user("I live in Berlin, near the Spree."));
+    assert!(context_of(&daemon, &key, "Where do I live?").contains("Berlin"));
+
+    // After a restart the index is built from the store: still hidden.
+    drop(daemon);
+    let daemon = Daemon::start(dir.path(), &[]);
+    let context = context_of(&daemon, &key, "Do I live in Lisbon? Alfama?");
+    assert!(!context.contains("Lisbon"), "{context}");
+
+    // An import keeps a superseded line superseded: stored, exported, never shown.
+    let other = daemon.mint_key("imported");
+    let lines = [
+        json!({"content": "I work at the harbour office.", "superseded_by": "mem_0000000000000001"}),
+        json!({"content": "I work at the city library now."}),
+    ];
+    let body: Vec<String> = lines.iter().map(Value::to_string).collect();
+    let uploaded = daemon.upload(&other, &body.join("\n"));
+    assert_eq!(uploaded.status, 200, "{}", uploaded.text());
+    assert_eq!(uploaded.json()["stats"]["stored"], 2);
+    let context = context_of(&daemon, &other, "Where do I work? harbour office?");
+    assert!(
+        context.contains("library") && !context.contains("harbour"),
+        "{context}"
+    );
+    let exported = daemon.export(&other);
+    assert_eq!(exported.len(), 2);
+    assert_eq!(exported[0]["superseded_by"], "mem_0000000000000001");
+
+    // An upload line may supersede, as an ingest does.
+    let library = exported[1]["id"].as_str().unwrap();
+    let line =
+        json!({"content": "I work at the university lab these days.", "supersedes": [library]});
+    let uploaded = daemon.upload(&other, &line.to_string());
+    assert_eq!(uploaded.status, 200, "{}", uploaded.text());
+    let context = context_of(&daemon, &other, "Where do I work? library or lab?");
+    assert!(
+        context.contains("university lab") && !context.contains("library"),
+        "{context}"
+    );
+}

@@ -40,3 +40,51 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+/// `Type=notify`: the daemon tells the socket in `NOTIFY_SOCKET` `READY=1` once it is ready,
+/// `WATCHDOG=1` at half of `WATCHDOG_USEC`, and `STOPPING=1` when SIGTERM starts the drain.
+#[test]
+fn the_daemon_speaks_systemds_notify_protocol() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let data = dir.path().join("data");
+    let mut daemon = common::Daemon::spawn_with_env(
+        &data,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "300000"),
+        ],
+    );
+    let mut said: Vec<String> = Vec::new();
+    let listen_until = |what: &str, said: &mut Vec<String>| {
+        let started = Instant::now();
+        let mut buffer = [0u8; 256];
+        while !said.iter().any(|s| s == what) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "never told {what}; told {said:?}"
+            );
+            if let Ok(n) = socket.recv(&mut buffer) {
+                said.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+            }
+        }
+    };
+    listen_until("READY=1", &mut said);
+    let ready = daemon.request("GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 200, "READY=1 is said once /readyz is 200");
+    said.clear();
+    listen_until("WATCHDOG=1", &mut said);
+    said.clear();
+    listen_until("WATCHDOG=1", &mut said);
+    daemon.sigterm();
+    listen_until("STOPPING=1", &mut said);
+    assert!(daemon.wait_exit().success());
+}

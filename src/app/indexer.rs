@@ -126,6 +126,7 @@ impl App {
         {
             self.metrics.ready.set(1);
             tracing::info!("ready: model loaded, store open, replay done");
+            crate::notify::notify("READY=1");
         }
     }
 
@@ -219,7 +220,7 @@ impl App {
     }
 
     /// Waits for a job's vectors and stores them, each vault's part under its lock, and only
-    /// for memories still there and sealed with their vault's current key: an erasure since the
+    /// for memories still pending (not deleted, not superseded) and sealed with their vault's current key: an erasure since the
     /// window was read leaves nothing behind. A job the model fails is run again text by text,
     /// so that one bad memory is set aside alone. Returns how many pending marks it took away,
     /// or `None` when the model has stopped.
@@ -273,7 +274,7 @@ impl App {
             let mut items = Vec::with_capacity(group.len());
             for (memory, vector) in group {
                 if Arc::ptr_eq(&memory.cipher, &current)
-                    && self.store.contains_memory(vault, memory.id)?
+                    && self.store.is_pending(vault, memory.id)?
                 {
                     items.push((memory.id, vector.clone(), memory.meta.clone()));
                 }

@@ -31,6 +31,8 @@ pub struct IngestRequest {
     pub model: Option<String>,
     /// Tags for every stored message, besides each message's own.
     pub tags: Vec<String>,
+    /// Memories this exchange replaces ([`super::change`]): superseded by its first memory.
+    pub supersedes: Vec<MemoryId>,
 }
 
 pub struct IngestResult {
@@ -81,15 +83,24 @@ impl App {
                 tags: merge_tags(&request.tags, &message.tags),
                 digest: String::new(),
                 passage: None,
+                superseded_by: None,
             };
             memories.extend(self.as_passages(index, record, message.timestamp_ms.is_some())?);
         }
         if memories.is_empty() {
             return Ok(nothing);
         }
+        // Before anything is stored: a wrong id refuses the whole exchange.
+        self.check_memories_exist(access.vault, &request.supersedes)
+            .await?;
         let lock = self.locks.of(access.vault);
-        let _shared = lock.read().await;
+        let shared = lock.read().await;
         let outcome = self.store_memories(access.vault, memories).await?;
+        drop(shared);
+        if !request.supersedes.is_empty() {
+            self.supersede(access.vault, vec![(request.supersedes, outcome[0].0)])
+                .await?;
+        }
         Ok(IngestResult {
             stored: outcome.iter().filter(|(_, new)| *new).count(),
             ids: outcome.into_iter().map(|(id, _)| id).collect(),
@@ -199,9 +210,14 @@ impl App {
         // The rows are in the store now, whatever happens to this request: count them here, so
         // the gauges stay true when the commit fails or the caller goes away.
         let stored = outcome.iter().filter(|(_, new)| *new).count();
+        let to_embed = outcome
+            .iter()
+            .zip(memories)
+            .filter(|((_, new), memory)| *new && memory.record.superseded_by.is_none())
+            .count();
         self.release(vault, fresh.saturating_sub(stored));
         self.metrics.memories.add(stored as i64);
-        self.metrics.embed_pending.add(stored as i64);
+        self.metrics.embed_pending.add(to_embed as i64);
         Ok(outcome)
     }
 

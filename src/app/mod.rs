@@ -20,6 +20,7 @@
 pub mod audit;
 pub mod auth;
 mod blocking;
+pub mod change;
 pub mod erase;
 mod indexer;
 pub mod ingest;
@@ -107,6 +108,10 @@ pub struct App {
     indexer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The exit code after the store failed in the way that needs a restart (`Restart=on-failure`
+/// restarts it; 1 is any other failure, 2 a refused configuration).
+pub const EXIT_STORAGE_FAILED: u8 = 3;
+
 impl App {
     /// Loads the model and opens the store and the keyring. Fails with a clear message when a
     /// file is missing, the store lost acknowledged commits, or the master key does not match.
@@ -155,6 +160,7 @@ impl App {
             indexer: Mutex::new(None),
         };
         app.recover()?;
+        app.check_embedding_model()?;
         let (store, metrics) = (&app.store, &app.metrics);
         let vaults = store.vault_count();
         metrics.vaults.set(vaults as i64);
@@ -211,6 +217,41 @@ impl App {
         self.store.sync()
     }
 
+    /// Vectors of one model are not comparable with another's: a store whose vectors come from
+    /// another model than the one loaded is refused, or, with `--reembed`, has every memory
+    /// marked for embedding again (the replay does it; ready once done). A store from before
+    /// the fingerprint was recorded, holding vectors, counts as another model.
+    fn check_embedding_model(&self) -> anyhow::Result<()> {
+        let loaded = self.embedder.fingerprint();
+        let (recorded, any_vectors) = self.store.embedding_model()?;
+        if recorded.as_deref() == Some(loaded) {
+            return Ok(());
+        }
+        if any_vectors && !self.config.reembed {
+            anyhow::bail!(
+                "the vectors in {} come from another embedding model ({}) than the one in {} \
+                 ({loaded}); start with --reembed (MEMORY_SIDECAR_REEMBED=true) to embed every \
+                 memory again with this model (the daemon is ready once that is done: about \
+                 the memories' count divided by the fill rate in docs/benchmarks.md), or point \
+                 --models-dir at the model the store was made with",
+                self.config.data_dir.display(),
+                recorded
+                    .as_deref()
+                    .unwrap_or("not recorded: a store made before models were fingerprinted"),
+                self.config.models_dir.display(),
+            );
+        }
+        let marked = self.store.set_embedding_model(loaded, any_vectors)?;
+        if marked > 0 {
+            tracing::warn!(
+                memories = marked,
+                model = loaded,
+                "embedding every memory again with the loaded model (--reembed)"
+            );
+        }
+        self.store.sync()
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -240,8 +281,17 @@ impl App {
 
     /// Refuses new work from now on; in-flight requests finish.
     pub fn begin_shutdown(&self) {
-        self.state.store(STOPPING, Ordering::Release);
+        if self.state.swap(STOPPING, Ordering::AcqRel) != STOPPING {
+            crate::notify::notify("STOPPING=1");
+        }
         self.metrics.ready.set(0);
+    }
+
+    /// Whether the store still takes writes: false once a write failed in the way that needs
+    /// a restart (`/healthz` then answers 503, and the daemon exits with
+    /// [`EXIT_STORAGE_FAILED`] unless `--keep-serving-after-storage-failure`).
+    pub fn is_healthy(&self) -> bool {
+        self.store.is_healthy()
     }
 
     /// Stops the indexer, then the model threads, then the store's own threads, waiting for

@@ -185,6 +185,7 @@ mod tests {
                 tags: Vec::new(),
                 digest: String::new(),
                 passage: None,
+                superseded_by: None,
             },
             score,
         }

@@ -2,6 +2,7 @@
 //! uploaded) and each bad one reported with its line number; the valid ones are stored in
 //! chunks of [`UPLOAD_CHUNK`], each durable before the next.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -13,7 +14,7 @@ use super::App;
 use crate::auth::{Access, MemoryAccess};
 use crate::bounds::{MAX_LISTED_ERRORS, MAX_UPLOAD_LINES, UPLOAD_CHUNK};
 use crate::error::ApiError;
-use crate::ids::{Role, Scope};
+use crate::ids::{MemoryId, Role, Scope};
 use crate::store::{MemoryRecord, NewMemory};
 
 /// One parsed upload line.
@@ -23,6 +24,10 @@ pub struct UploadLine {
     pub timestamp_ms: Option<i64>,
     pub session_id: Option<String>,
     pub tags: Vec<String>,
+    /// Memories of this vault the line replaces (ids not in the vault are passed over).
+    pub supersedes: Vec<MemoryId>,
+    /// Set on a line exported already superseded: stored as such, for export only.
+    pub superseded_by: Option<String>,
 }
 
 pub struct LineError {
@@ -112,6 +117,7 @@ impl App {
         };
         // Each valid line's memories (one, or one per passage of a long line).
         let mut valid: Vec<(usize, Vec<NewMemory>)> = Vec::new();
+        let mut supersedes: HashMap<usize, Vec<MemoryId>> = HashMap::new();
         for (line, parsed) in lines {
             let checked = parsed
                 .map_err(|error| (error.code(), error.to_string()))
@@ -126,6 +132,9 @@ impl App {
                         (None, _) => parsed.session_id = session.id.clone(),
                         _ => {}
                     }
+                    if !parsed.supersedes.is_empty() {
+                        supersedes.insert(line, std::mem::take(&mut parsed.supersedes));
+                    }
                     let (explicit, record) = check_upload_line(parsed, now)?;
                     self.as_passages(0, record, explicit)
                         .map_err(|error| (error.code(), error.to_string()))
@@ -136,7 +145,9 @@ impl App {
             }
         }
         let lock = self.locks.of(access.vault);
-        let _shared = lock.read().await;
+        let shared = lock.read().await;
+        // Each superseding line's ids, and the first memory it was stored as.
+        let mut replaced: Vec<(Vec<MemoryId>, MemoryId)> = Vec::new();
         for chunk in line_chunks(&valid, UPLOAD_CHUNK) {
             let memories: Vec<NewMemory> = chunk
                 .iter()
@@ -148,6 +159,13 @@ impl App {
                 .collect();
             match self.store_memories(access.vault, memories).await {
                 Ok(outcome) => {
+                    let mut at = 0;
+                    for (line, memories) in chunk {
+                        if let Some(ids) = supersedes.remove(line) {
+                            replaced.push((ids, outcome[at].0));
+                        }
+                        at += memories.len();
+                    }
                     let stored = outcome.iter().filter(|(_, new)| *new).count();
                     result.processed += chunk.len();
                     result.stored += stored;
@@ -163,6 +181,8 @@ impl App {
                 Err(error) => return Err(error),
             }
         }
+        drop(shared);
+        self.supersede(access.vault, replaced).await?;
         result.errors.sort_by_key(|e| e.line);
         Ok(result)
     }
@@ -213,6 +233,9 @@ fn check_upload_line(
         check_label(session, "session_id").map_err(invalid)?;
     }
     check_tags(&line.tags, "tags").map_err(invalid)?;
+    if let Some(by) = &line.superseded_by {
+        check_label(by, "superseded_by").map_err(invalid)?;
+    }
     Ok((
         line.timestamp_ms.is_some(),
         MemoryRecord {
@@ -224,6 +247,7 @@ fn check_upload_line(
             tags: merge_tags(&[], &line.tags),
             digest: String::new(),
             passage: None,
+            superseded_by: line.superseded_by,
         },
     ))
 }

@@ -24,7 +24,8 @@ use ort::session::Session;
 use tokenizers::Tokenizer;
 
 pub use self::model::{
-    load_session, load_tokenizer, model_files, run_batch, MODEL_FILE, ORT_LIBRARY, TOKENIZER_FILE,
+    fingerprint, load_session, load_tokenizer, model_files, run_batch, MODEL_FILE, ORT_LIBRARY,
+    TOKENIZER_FILE,
 };
 use self::queue::{BatchLimits, Job, JobQueue};
 use crate::config::EmbedConfig;
@@ -74,6 +75,8 @@ impl Ticket {
 /// The embedding front: tokenizes on the caller's thread, queues, and awaits the model thread.
 #[derive(Clone)]
 pub struct Embedder {
+    /// What the vectors depend on: the sha256 of the model file and the tokenizer file.
+    fingerprint: String,
     tokenizer: Arc<Tokenizer>,
     queue: Arc<JobQueue>,
     metrics: Metrics,
@@ -88,7 +91,8 @@ impl Embedder {
         config: &EmbedConfig,
         metrics: Metrics,
     ) -> anyhow::Result<Embedder> {
-        let [_, _, tokenizer_path] = model_files(models_dir)?;
+        let [_, model_path, tokenizer_path] = model_files(models_dir)?;
+        let fingerprint = fingerprint(&model_path, &tokenizer_path)?;
         let tokenizer = Arc::new(load_tokenizer(&tokenizer_path, config.max_text_tokens)?);
         let queue = Arc::new(JobQueue::new(config.queue_texts));
         // Every session loads before any thread starts: a failure leaves no thread behind.
@@ -123,11 +127,18 @@ impl Embedder {
             }
         }
         Ok(Embedder {
+            fingerprint,
             tokenizer,
             queue,
             metrics,
             threads: Arc::new(Mutex::new(threads)),
         })
+    }
+
+    /// Names the model the vectors come from: vectors of another fingerprint are not comparable
+    /// with this model's (the store records it; see `App::open`).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Word-piece ids of each text, truncated to the configured maximum.

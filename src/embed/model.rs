@@ -34,6 +34,22 @@ pub fn model_files(models_dir: &Path) -> anyhow::Result<[PathBuf; 3]> {
     Ok(files)
 }
 
+/// `sha256:` and the hex sha256 of the model file's bytes followed by the tokenizer file's:
+/// what a sentence vector depends on besides the text (and the truncation length).
+pub fn fingerprint(model: &Path, tokenizer: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for path in [model, tokenizer] {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        std::io::copy(&mut file, &mut hasher)
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256:{hex}"))
+}
+
 fn ort_error<R>(error: ort::Error<R>) -> anyhow::Error {
     anyhow!("onnx runtime: {error}")
 }

@@ -264,6 +264,7 @@ async fn store(
             tags: Vec::new(),
         }],
         model: None,
+        supersedes: Vec::new(),
         tags: Vec::new(),
     };
     let stored = app.ingest(access, &session, request).await?;

@@ -18,6 +18,7 @@ use crate::app::session::SessionScope;
 use crate::app::{blocking, App};
 use crate::auth::{Access, MemoryAccess};
 use crate::bounds::{MAX_MCP_MESSAGE_BYTES, MAX_PARAM_CHARS, MAX_UPLOAD_LINES};
+use crate::config::Surface;
 use crate::error::ApiError;
 use crate::ids::{KeyId, Scope};
 
@@ -104,6 +105,28 @@ impl Route {
         }
     }
 
+    /// Whether a listener of this surface serves the route (`--admin-listen` splits them).
+    pub fn served_on(self, surface: Surface) -> bool {
+        let operator = matches!(
+            self,
+            Route::Keys
+                | Route::Key
+                | Route::KeyRotate
+                | Route::Vault
+                | Route::Audit
+                | Route::Metrics
+        );
+        let everywhere = matches!(
+            self,
+            Route::Health | Route::Healthz | Route::Readyz | Route::OpenApi
+        );
+        match surface {
+            Surface::All => true,
+            Surface::Admin => operator || everywhere,
+            Surface::Gateway => !operator,
+        }
+    }
+
     /// The methods a route answers, as the `Allow` header lists them.
     pub fn allowed(self) -> &'static str {
         match self {
@@ -123,7 +146,8 @@ impl Route {
             | Route::Upload
             | Route::Warmup
             | Route::Mcp => "POST",
-            Route::Memory | Route::MemoryItem | Route::Vault => "DELETE",
+            Route::MemoryItem => "PATCH, DELETE",
+            Route::Memory | Route::Vault => "DELETE",
             Route::Unknown => "",
         }
     }
@@ -183,18 +207,21 @@ impl Route {
         // Keyed routes: 400 a bad request, 401 the key, 403 its scope, 429 rate or load, 500
         // internal, 503 not ready, stopping, storage or time; with a body, 413 and 415 too.
         match (self, method) {
-            (Route::Health | Route::Healthz | Route::Metrics | Route::OpenApi, _) => &[200],
-            (Route::Readyz, _) => &[200, 503],
+            (Route::Health | Route::Metrics | Route::OpenApi, _) => &[200],
+            (Route::Readyz | Route::Healthz, _) => &[200, 503],
             (Route::Keys, "POST") => &[201, 400, 401, 403, 404, 409, 413, 415, 429, 500, 503],
             (Route::Keys, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
             (Route::Key, "DELETE") => &[204, 400, 401, 403, 404, 429, 500, 503],
             (Route::Key, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
             (Route::KeyRotate, _) => &[201, 400, 401, 403, 404, 409, 413, 415, 429, 500, 503],
             (Route::Prepare | Route::Search, _) => &[200, 400, 401, 403, 413, 415, 429, 500, 503],
-            (Route::Ingest, _) => &[202, 400, 401, 403, 409, 413, 415, 429, 500, 503],
+            (Route::Ingest, _) => &[202, 400, 401, 403, 404, 409, 413, 415, 429, 500, 503],
             (Route::Upload, _) => &[200, 400, 401, 403, 409, 413, 415, 429, 500, 503],
             (Route::Stats | Route::Warmup | Route::Memory | Route::Audit, _) => {
                 &[200, 400, 401, 403, 429, 500, 503]
+            }
+            (Route::MemoryItem, "PATCH") => {
+                &[200, 400, 401, 403, 404, 409, 413, 415, 429, 500, 503]
             }
             (Route::MemoryItem, _) => &[204, 400, 401, 403, 404, 429, 500, 503],
             (Route::Vault, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
@@ -219,7 +246,7 @@ pub(super) async fn dispatch(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let app = &server.app;
-    if route == Route::Unknown {
+    if route == Route::Unknown || !route.served_on(server.config.surface) {
         return Err(ApiError::NotFound(
             request.uri().path().chars().take(200).collect(),
         ));
@@ -232,7 +259,13 @@ pub(super) async fn dispatch(
         });
     }
     match route {
-        Route::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        // Alive, unless the store failed in the way only a restart mends.
+        Route::Healthz => {
+            if !app.is_healthy() {
+                return Err(ApiError::StorageUnavailable);
+            }
+            return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+        }
         // MemoryRouter's liveness route and answer.
         Route::Health => {
             let timestamp = wire::rfc3339(app.now_ms());
@@ -426,6 +459,22 @@ pub(super) async fn dispatch(
                     ))
                 }
             }
+        }
+        (Route::MemoryItem, Method::PATCH) => {
+            query.only(&[])?;
+            let access = app.memory_access(credential).await?;
+            let body = read_json_body(app, request, max_body).await?;
+            let correction = wire::parse::<wire::WireCorrection>(&body)?.into_correction();
+            let corrected = app.correct_memory(&access, param, correction).await?;
+            let ids: Vec<String> = corrected.ids.iter().map(ToString::to_string).collect();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "id": corrected.id.to_string(),
+                    "ids": ids,
+                    "supersedes": corrected.supersedes.to_string(),
+                }),
+            ))
         }
         (Route::MemoryItem, _) => {
             query.only(&[])?;

@@ -62,9 +62,15 @@ impl VaultIndex {
         self.insert_with_meta(id, vector, EntryMeta::default());
     }
 
-    /// Adds a vector; a memory already present (or deleted) is left as it is.
+    /// Adds a vector. A memory already present takes the new vector in place (embedded again
+    /// with another model: `--reembed`); its metadata and links stay. A deleted one is left out.
     pub fn insert_with_meta(&mut self, id: MemoryId, vector: &UnitVector, mut meta: EntryMeta) {
         if !self.present.insert(id) {
+            if let (Some(&position), false) = (self.positions.get(&id), self.removed.contains(&id))
+            {
+                let position = position as usize;
+                self.vectors[position * DIM..(position + 1) * DIM].copy_from_slice(vector);
+            }
             return;
         }
         let stored = &self.meta;

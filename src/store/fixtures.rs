@@ -16,6 +16,7 @@ pub fn message(content: &str) -> NewMemory {
             tags: Vec::new(),
             digest: String::new(),
             passage: None,
+            superseded_by: None,
         },
         explicit_timestamp: false,
     }

@@ -67,6 +67,22 @@ pub trait Memories {
         ids: &[MemoryId],
     ) -> anyhow::Result<(Vec<MemoryId>, usize)>;
 
+    /// Marks memories of one vault as replaced by the memory `by`: each keeps its text, with
+    /// `superseded_by` set, and loses its vector, its pending mark and its dedup digest (saying
+    /// it again stores it anew), atomically per memory. Returns the ids marked now (not those
+    /// missing or already superseded) and how many of them were still pending. The caller holds
+    /// the vault's lock exclusively; durable with the next commit.
+    fn supersede(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        ids: &[MemoryId],
+        by: MemoryId,
+    ) -> anyhow::Result<(Vec<MemoryId>, usize)>;
+
+    /// Whether a memory still waits for its vector (stored, not embedded, not set aside).
+    fn is_pending(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool>;
+
     /// How many memories one vault holds (nothing decrypted).
     fn vault_memory_count(&self, vault: VaultId) -> usize;
 
@@ -158,6 +174,8 @@ impl Memories for SledStore {
         memories: &[NewMemory],
     ) -> anyhow::Result<Vec<(MemoryId, bool)>> {
         let mut prepared = Vec::with_capacity(memories.len());
+        // Imported already superseded: kept for export, never embedded, never a duplicate.
+        let mut superseded = HashSet::new();
         for memory in memories {
             let id = MemoryId(self.db.generate_id()?);
             let digest = digest(cipher, memory);
@@ -166,12 +184,19 @@ impl Memories for SledStore {
             let key = memory_key(vault, id);
             let sealed = cipher.seal(Purpose::Memory, &key, &serde_json::to_vec(&record)?);
             prepared.push((id, dedup_key(vault, &digest), sealed));
+            if memory.record.superseded_by.is_some() {
+                superseded.insert(id);
+            }
         }
         let result = (&self.memories, &self.pending, &self.dedup).transaction(
             |(memories, pending, dedup)| {
                 let mut outcome = Vec::with_capacity(prepared.len());
                 for (id, digest, sealed) in &prepared {
-                    if let Some(existing) = dedup.get(digest)? {
+                    let existing = match superseded.contains(id) {
+                        true => None,
+                        false => dedup.get(digest)?,
+                    };
+                    if let Some(existing) = existing {
                         let existing =
                             u64::from_be_bytes(existing.as_ref().try_into().map_err(|_| {
                                 ConflictableTransactionError::Abort(
@@ -183,8 +208,10 @@ impl Memories for SledStore {
                     }
                     let key = memory_key(vault, *id);
                     memories.insert(&key, sealed.as_slice())?;
-                    pending.insert(&key, &[])?;
-                    dedup.insert(digest.as_slice(), &id.0.to_be_bytes())?;
+                    if !superseded.contains(id) {
+                        pending.insert(&key, &[])?;
+                        dedup.insert(digest.as_slice(), &id.0.to_be_bytes())?;
+                    }
                     outcome.push((*id, true));
                 }
                 Ok(outcome)
@@ -299,6 +326,50 @@ impl Memories for SledStore {
             found.into_iter().map(|(id, _)| id).collect(),
             pending_removed,
         ))
+    }
+
+    fn supersede(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        ids: &[MemoryId],
+        by: MemoryId,
+    ) -> anyhow::Result<(Vec<MemoryId>, usize)> {
+        let mut marked = Vec::new();
+        let mut were_pending = 0;
+        for id in ids {
+            let key = memory_key(vault, *id);
+            let Some(mut record) = self.memory(vault, cipher, *id)? else {
+                continue;
+            };
+            if record.superseded_by.is_some() {
+                continue;
+            }
+            let digest = dedup_key(vault, &hex::decode(&record.digest).unwrap_or_default());
+            record.superseded_by = Some(by.to_string());
+            let sealed = cipher.seal(Purpose::Memory, &key, &serde_json::to_vec(&record)?);
+            let result = (&self.memories, &self.vectors, &self.pending, &self.dedup).transaction(
+                |(memories, vectors, pending, dedup)| {
+                    memories.insert(&key, sealed.as_slice())?;
+                    vectors.remove(&key)?;
+                    let was_pending = pending.remove(&key)?.is_some();
+                    if dedup
+                        .get(digest.as_slice())?
+                        .is_some_and(|v| v.as_ref() == id.0.to_be_bytes())
+                    {
+                        dedup.remove(digest.as_slice())?;
+                    }
+                    Ok(was_pending)
+                },
+            );
+            were_pending += usize::from(transaction_result(result)?);
+            marked.push(*id);
+        }
+        Ok((marked, were_pending))
+    }
+
+    fn is_pending(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool> {
+        Ok(self.pending.contains_key(memory_key(vault, id))?)
     }
 
     fn vault_memory_count(&self, vault: VaultId) -> usize {

@@ -100,6 +100,11 @@ pub struct MemoryRecord {
     /// Set when this memory is one passage of a longer message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passage: Option<Passage>,
+    /// Set when a later memory replaced this one (its id, as text: an imported memory keeps
+    /// the id it had where it was exported). A superseded memory is kept for export, with no
+    /// vector: prepare and search never see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
 }
 
 /// Where a passage sits in the message it was cut from.

@@ -10,8 +10,8 @@
 //! memory id -> sealed vector + [`EntryMeta`]; `pending` vault ++ memory id -> () for memories
 //! stored but not yet embedded (the replay set); `unembeddable` the same for memories the model
 //! failed on (kept, not indexed); `dedup` vault ++ keyed digest of a message -> memory id, so a
-//! retried exchange is stored once; `audit` sequence -> [`AuditEntry`]; `meta` the schema and
-//! the last commit's number.
+//! retried exchange is stored once; `audit` sequence -> [`AuditEntry`]; `meta` the schema, the
+//! last commit's number and the fingerprint of the model the vectors come from.
 //!
 //! [`KeyRecord`]: super::KeyRecord
 //! [`VaultRecord`]: super::VaultRecord
@@ -64,6 +64,8 @@ pub struct SledStore {
     pub(super) unembeddable: sled::Tree,
     pub(super) dedup: sled::Tree,
     pub(super) audit: sled::Tree,
+    /// The schema, the last commit's number and the embedding model's fingerprint.
+    pub(super) meta: sled::Tree,
     /// Entries in `audit`, counted once at open.
     pub(super) audit_entries: AtomicUsize,
     pub(super) keyring: Keyring,
@@ -132,6 +134,7 @@ impl SledStore {
             dedup: db.open_tree("dedup")?,
             audit_entries: audit.len().into(),
             audit,
+            meta,
             keys,
             vault_keys,
             vaults,

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 
 use super::records::EntryMeta;
-use super::sled::{memory_key, settle, split_memory_key, SledStore};
+use super::sled::{memory_key, settle, split_memory_key, SledStore, ERASE_BATCH};
 use crate::crypto::{Purpose, VaultCipher};
 use crate::ids::{MemoryId, VaultId};
 use crate::vector::{UnitVector, ENCODED_LEN};
@@ -29,7 +29,19 @@ pub trait Vectors {
         vault: VaultId,
         cipher: &VaultCipher,
     ) -> anyhow::Result<Vec<VectorItem>>;
+
+    /// The fingerprint of the model the stored vectors come from, if one was recorded, and
+    /// whether any vector is stored.
+    fn embedding_model(&self) -> anyhow::Result<(Option<String>, bool)>;
+
+    /// Records the model the vectors come from. With `reembed`, first marks every embedded
+    /// memory pending again, so that the indexer embeds it anew (its old vector serves until
+    /// then); returns how many were marked. Idempotent: a crash before the record is written
+    /// marks them again at the next start. Durable with the next commit.
+    fn set_embedding_model(&self, fingerprint: &str, reembed: bool) -> anyhow::Result<usize>;
 }
+
+const EMBEDDING_MODEL: &str = "embedding_model";
 
 impl Vectors for SledStore {
     fn insert_vectors(
@@ -78,6 +90,34 @@ impl Vectors for SledStore {
             out.push((id, vector, meta));
         }
         Ok(out)
+    }
+
+    fn embedding_model(&self) -> anyhow::Result<(Option<String>, bool)> {
+        let recorded = match self.meta.get(EMBEDDING_MODEL)? {
+            Some(bytes) => Some(
+                String::from_utf8(bytes.to_vec())
+                    .context("the store's embedding model record is corrupt")?,
+            ),
+            None => None,
+        };
+        Ok((recorded, !self.vectors.is_empty()))
+    }
+
+    fn set_embedding_model(&self, fingerprint: &str, reembed: bool) -> anyhow::Result<usize> {
+        let mut marked = 0;
+        if reembed {
+            let mut batch = sled::Batch::default();
+            for key in self.vectors.iter().keys() {
+                batch.insert(key?, &[]);
+                marked += 1;
+                if marked % ERASE_BATCH == 0 {
+                    self.pending.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            self.pending.apply_batch(batch)?;
+        }
+        self.meta.insert(EMBEDDING_MODEL, fingerprint.as_bytes())?;
+        Ok(marked)
     }
 }
 

@@ -126,20 +126,32 @@ impl Daemon {
     /// [`Daemon::spawn`], or the daemon's stderr if it exits before it listens (a refused
     /// start-up).
     pub fn try_spawn(data_dir: &Path, args: &[&str]) -> Result<Daemon, String> {
-        Daemon::launch(data_dir, args, Stdout::Piped)
+        Daemon::launch(data_dir, args, &[], Stdout::Piped)
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (e.g. systemd's `NOTIFY_SOCKET`).
+    pub fn spawn_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch(data_dir, args, env, Stdout::Piped).unwrap_or_else(|stderr| {
+            panic!("the daemon exited instead of listening; stderr:\n{stderr}")
+        })
     }
 
     /// Starts the daemon with its stdout a pipe nobody reads (the reader is closed), so every
     /// write to it fails, and finds its address in its log instead; waits until ready.
     pub fn start_with_closed_stdout(data_dir: &Path, args: &[&str]) -> Daemon {
-        let daemon = Daemon::launch(data_dir, args, Stdout::Closed).unwrap_or_else(|stderr| {
+        let daemon = Daemon::launch(data_dir, args, &[], Stdout::Closed).unwrap_or_else(|stderr| {
             panic!("the daemon exited instead of listening; stderr:\n{stderr}")
         });
         daemon.wait_ready();
         daemon
     }
 
-    fn launch(data_dir: &Path, args: &[&str], stdout: Stdout) -> Result<Daemon, String> {
+    fn launch(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout: Stdout,
+    ) -> Result<Daemon, String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_memory-sidecar"));
         for (name, _) in std::env::vars() {
             if name.starts_with("MEMORY_SIDECAR_") {
@@ -152,9 +164,12 @@ impl Daemon {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--models-dir")
-            .arg(models_dir())
+            .arg(data_dir);
+        if !args.contains(&"--models-dir") {
+            command.arg("--models-dir").arg(models_dir());
+        }
+        command
+            .envs(env.iter().copied())
             .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped());

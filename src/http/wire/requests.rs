@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{kind_of, parse, positive_integer, timestamp_ms, vault_id};
+use crate::app::change::{supersedes_field, Correction};
 use crate::app::ingest::{check_label, IngestRequest, Message};
 use crate::app::keys::MintRequest;
 use crate::app::prepare::{Density, PrepareRequest};
@@ -73,8 +74,27 @@ pub struct WireIngest {
     tags: Vec<String>,
     #[serde(default)]
     session_id: Option<Value>,
+    #[serde(default)]
+    supersedes: Vec<String>,
     #[serde(flatten)]
     switches: WireMemorySwitches,
+}
+
+/// `PATCH /v1/memory/{id}`: the corrected text, and optionally new tags.
+#[derive(Deserialize)]
+pub struct WireCorrection {
+    content: String,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+impl WireCorrection {
+    pub fn into_correction(self) -> Correction {
+        Correction {
+            content: self.content,
+            tags: self.tags,
+        }
+    }
 }
 
 /// What a request body says of its session (its id, winning over `X-Session-ID`, and whether
@@ -235,6 +255,10 @@ struct WireUploadLine {
     session_id: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
+    #[serde(default)]
+    supersedes: Vec<String>,
+    #[serde(default)]
+    superseded_by: Option<String>,
 }
 
 /// One upload line with its number (from 1), parsed or refused.
@@ -283,6 +307,8 @@ fn upload_line(line: &[u8]) -> Result<UploadLine, ApiError> {
         timestamp_ms: timestamp_ms("timestamp", wire.timestamp)?,
         session_id: wire.session_id,
         tags: wire.tags,
+        supersedes: supersedes_field(wire.supersedes, "supersedes")?,
+        superseded_by: wire.superseded_by,
     })
 }
 
@@ -403,6 +429,7 @@ impl WireIngest {
             messages: messages(self.messages, max_messages)?,
             model: self.model,
             tags: self.tags,
+            supersedes: supersedes_field(self.supersedes, "supersedes")?,
         };
         let session = BodySession {
             id: session_field(self.session_id)?,

@@ -26,6 +26,9 @@ pub struct WireMemory<'a> {
     /// For a passage of a longer message: which one, and of how many.
     #[serde(skip_serializing_if = "Option::is_none")]
     part: Option<WirePart>,
+    /// Set on a memory a later one replaced (in an export; prepare and search never show one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    superseded_by: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -54,6 +57,7 @@ impl<'a> WireMemory<'a> {
                 index: p.index + 1,
                 count: p.count,
             }),
+            superseded_by: record.superseded_by.as_deref(),
         }
     }
 }
