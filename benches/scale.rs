@@ -26,7 +26,9 @@ use common::{Conn, Daemon};
 use memory_sidecar::auth::NewKey;
 use memory_sidecar::config::Config;
 use memory_sidecar::crypto::MasterKey;
-use memory_sidecar::embed::{load_session, load_tokenizer, run_batch, TOKENIZER_FILE};
+use memory_sidecar::embed::{
+    fingerprint, load_session, load_tokenizer, run_batch, MODEL_FILE, TOKENIZER_FILE,
+};
 use memory_sidecar::ids::Scope;
 use memory_sidecar::index::terms;
 use memory_sidecar::metrics::Metrics;
@@ -175,6 +177,10 @@ fn write_data_dir(data: &Path, options: &Options, rng: &mut Rng) -> Vec<String> 
             store.insert_vectors(vault, &cipher, &items).unwrap();
         }
     }
+    // The vectors are the real model's: say so, as the daemon does for what it embeds.
+    let models = common::models_dir();
+    let model = fingerprint(&models.join(MODEL_FILE), &models.join(TOKENIZER_FILE)).unwrap();
+    store.set_embedding_model(&model, false).unwrap();
     store.close().unwrap();
     keys
 }
