@@ -1,7 +1,7 @@
 //! systemd's service protocol (`sd_notify`): one datagram per state to the socket named in
 //! `NOTIFY_SOCKET`, when the service manager set one (`Type=notify`); nothing otherwise. The
-//! daemon says `READY=1` once replay is done, `WATCHDOG=1` from the serving runtime while the
-//! store is healthy (`WatchdogSec=`), and `STOPPING=1` when it begins to drain.
+//! daemon says `READY=1` once replay is done, `WATCHDOG=1` from the serving runtime
+//! (`WatchdogSec=`), and `STOPPING=1` when it begins to drain.
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;

@@ -1279,8 +1279,29 @@ fn a_superseded_memory_is_never_shown_but_kept_for_export() {
     assert_eq!(by_id(&lisbon)["superseded_by"], porto.as_str());
     assert!(by_id(&porto).get("superseded_by").is_none());
 
-    // Saying the old thing again is a new memory, shown again.
-    daemon.ingest(&key, None, user("I live in Berlin, near the Spree."));
+    // A gateway resending the conversation does not bring the old one back; saying it again
+    // in another conversation is a new memory, shown again.
+    let resent = daemon.ingest(&key, None, user("I live in Berlin, near the Spree."));
+    assert_eq!(
+        (resent["stored"].as_u64(), resent["ids"][0].as_str()),
+        (Some(0), Some(berlin.as_str()))
+    );
+    let context = context_of(&daemon, &key, "Where do I live? Berlin or Porto?");
+    assert!(!context.contains("Berlin"), "{context}");
+    let same = json!({"content": "I live in Porto now, by the river."});
+    let unchanged = daemon.call(
+        "PATCH",
+        &format!("/v1/memory/{porto}"),
+        &key,
+        None,
+        Some(&same),
+    );
+    assert_eq!(unchanged.status, 400, "{}", unchanged.text());
+    daemon.ingest(
+        &key,
+        Some("back"),
+        user("I live in Berlin, near the Spree."),
+    );
     assert!(context_of(&daemon, &key, "Where do I live?").contains("Berlin"));
 
     // After a restart the index is built from the store: still hidden.

@@ -86,25 +86,34 @@ impl App {
         }
         let lock = self.locks.of(vault);
         let exclusive = lock.write_owned().await;
-        let cipher = self.cipher(vault)?;
         let app = self.clone();
         let marked = blocking(move || {
             let _exclusive = exclusive;
-            let mut marked = 0;
-            for (ids, by) in groups {
-                let ids: Vec<MemoryId> = ids.into_iter().filter(|id| *id != by).collect();
-                let (now, were_pending) = app
-                    .store
-                    .supersede(vault, &cipher, &ids, by)
-                    .map_err(app.storage_error("superseding memories"))?;
-                app.indexes.remove(vault, &now);
-                app.metrics.embed_pending.sub(were_pending as i64);
-                marked += now.len();
-            }
-            Ok(marked)
+            app.supersede_locked(vault, groups)
         })
         .await?;
         self.commit("committing superseded memories").await?;
+        Ok(marked)
+    }
+
+    /// The blocking body of [`App::supersede`], with the vault's lock held exclusively.
+    fn supersede_locked(
+        &self,
+        vault: VaultId,
+        groups: Vec<(Vec<MemoryId>, MemoryId)>,
+    ) -> Result<usize, ApiError> {
+        let cipher = self.cipher(vault)?;
+        let mut marked = 0;
+        for (ids, by) in groups {
+            let ids: Vec<MemoryId> = ids.into_iter().filter(|id| *id != by).collect();
+            let (now, were_pending) = self
+                .store
+                .supersede(vault, &cipher, &ids, by)
+                .map_err(self.storage_error("superseding memories"))?;
+            self.indexes.remove(vault, &now);
+            self.metrics.embed_pending.sub(were_pending as i64);
+            marked += now.len();
+        }
         Ok(marked)
     }
 
@@ -145,9 +154,11 @@ impl App {
         if let Some(tags) = &correction.tags {
             check_tags(tags, "tags")?;
         }
+        // One exclusive hold from the read to the mark: two corrections of one memory, or a
+        // correction and a delete, cannot both go through.
         let vault = access.vault;
         let lock = self.locks.of(vault);
-        let shared = lock.read().await;
+        let exclusive = lock.write_owned().await;
         let cipher = self.cipher(vault)?;
         let app = self.clone();
         let record = blocking(move || {
@@ -173,10 +184,21 @@ impl App {
         };
         let memories = self.as_passages(0, corrected, true)?;
         let outcome = self.store_memories(vault, memories).await?;
-        drop(shared);
         let ids: Vec<MemoryId> = outcome.into_iter().map(|(id, _)| id).collect();
+        if ids.contains(&old) {
+            return Err(ApiError::invalid(
+                "`content` is the memory's own text: nothing to correct (tags alone are not \
+                 corrected)",
+            ));
+        }
         let first = ids[0];
-        self.supersede(vault, vec![(vec![old], first)]).await?;
+        let app = self.clone();
+        blocking(move || {
+            let _exclusive = exclusive;
+            app.supersede_locked(vault, vec![(vec![old], first)])
+        })
+        .await?;
+        self.commit("committing superseded memories").await?;
         Ok(Corrected {
             id: first,
             ids,

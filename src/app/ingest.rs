@@ -87,18 +87,18 @@ impl App {
             };
             memories.extend(self.as_passages(index, record, message.timestamp_ms.is_some())?);
         }
-        if memories.is_empty() {
-            return Ok(nothing);
-        }
         // Before anything is stored: a wrong id refuses the whole exchange.
         self.check_memories_exist(access.vault, &request.supersedes)
             .await?;
+        if memories.is_empty() {
+            return Ok(nothing);
+        }
         let lock = self.locks.of(access.vault);
         let shared = lock.read().await;
         let outcome = self.store_memories(access.vault, memories).await?;
         drop(shared);
-        if !request.supersedes.is_empty() {
-            self.supersede(access.vault, vec![(request.supersedes, outcome[0].0)])
+        if let Some(by) = successor(&outcome, &request.supersedes) {
+            self.supersede(access.vault, vec![(request.supersedes, by)])
                 .await?;
         }
         Ok(IngestResult {
@@ -156,7 +156,7 @@ impl App {
             .collect())
     }
 
-    /// Writes memories into a vault (the caller holds the vault's lock shared) and makes them
+    /// Writes memories into a vault (the caller holds the vault's lock, shared or exclusive) and makes them
     /// durable. Returns each one's id and whether it is new.
     pub(super) async fn store_memories(
         self: &Arc<Self>,
@@ -265,6 +265,16 @@ impl App {
 
 /// Checks a list of tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_CHARS`] characters,
 /// without control characters.
+/// The memory an exchange's `supersedes` names as their successor: its first new memory, else
+/// its first memory (a resent exchange) that is not itself superseded by it.
+pub(super) fn successor(outcome: &[(MemoryId, bool)], supersedes: &[MemoryId]) -> Option<MemoryId> {
+    let candidates = || outcome.iter().filter(|(id, _)| !supersedes.contains(id));
+    candidates()
+        .find(|(_, new)| *new)
+        .or_else(|| candidates().next())
+        .map(|(id, _)| *id)
+}
+
 pub fn check_tags(tags: &[String], field: &str) -> Result<(), ApiError> {
     if tags.len() > MAX_TAGS {
         return Err(ApiError::invalid(format!(

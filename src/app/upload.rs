@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::audit::Audited;
-use super::ingest::{check_label, check_tags, merge_tags};
+use super::ingest::{check_label, check_tags, merge_tags, successor};
 use super::session::SessionScope;
 use super::App;
 use crate::auth::{Access, MemoryAccess};
@@ -161,8 +161,11 @@ impl App {
                 Ok(outcome) => {
                     let mut at = 0;
                     for (line, memories) in chunk {
+                        let own = &outcome[at..at + memories.len()];
                         if let Some(ids) = supersedes.remove(line) {
-                            replaced.push((ids, outcome[at].0));
+                            if let Some(by) = successor(own, &ids) {
+                                replaced.push((ids, by));
+                            }
                         }
                         at += memories.len();
                     }

@@ -68,8 +68,8 @@ pub trait Memories {
     ) -> anyhow::Result<(Vec<MemoryId>, usize)>;
 
     /// Marks memories of one vault as replaced by the memory `by`: each keeps its text, with
-    /// `superseded_by` set, and loses its vector, its pending mark and its dedup digest (saying
-    /// it again stores it anew), atomically per memory. Returns the ids marked now (not those
+    /// `superseded_by` set, and loses its vector and its pending mark, atomically per memory. Its
+    /// dedup digest stays: a gateway resending the conversation does not bring it back. Returns the ids marked now (not those
     /// missing or already superseded) and how many of them were still pending. The caller holds
     /// the vault's lock exclusively; durable with the next commit.
     fn supersede(
@@ -174,7 +174,7 @@ impl Memories for SledStore {
         memories: &[NewMemory],
     ) -> anyhow::Result<Vec<(MemoryId, bool)>> {
         let mut prepared = Vec::with_capacity(memories.len());
-        // Imported already superseded: kept for export, never embedded, never a duplicate.
+        // Imported already superseded: kept for export, never embedded.
         let mut superseded = HashSet::new();
         for memory in memories {
             let id = MemoryId(self.db.generate_id()?);
@@ -192,11 +192,7 @@ impl Memories for SledStore {
             |(memories, pending, dedup)| {
                 let mut outcome = Vec::with_capacity(prepared.len());
                 for (id, digest, sealed) in &prepared {
-                    let existing = match superseded.contains(id) {
-                        true => None,
-                        false => dedup.get(digest)?,
-                    };
-                    if let Some(existing) = existing {
+                    if let Some(existing) = dedup.get(digest)? {
                         let existing =
                             u64::from_be_bytes(existing.as_ref().try_into().map_err(|_| {
                                 ConflictableTransactionError::Abort(
@@ -210,8 +206,8 @@ impl Memories for SledStore {
                     memories.insert(&key, sealed.as_slice())?;
                     if !superseded.contains(id) {
                         pending.insert(&key, &[])?;
-                        dedup.insert(digest.as_slice(), &id.0.to_be_bytes())?;
                     }
+                    dedup.insert(digest.as_slice(), &id.0.to_be_bytes())?;
                     outcome.push((*id, true));
                 }
                 Ok(outcome)
@@ -345,21 +341,13 @@ impl Memories for SledStore {
             if record.superseded_by.is_some() {
                 continue;
             }
-            let digest = dedup_key(vault, &hex::decode(&record.digest).unwrap_or_default());
             record.superseded_by = Some(by.to_string());
             let sealed = cipher.seal(Purpose::Memory, &key, &serde_json::to_vec(&record)?);
-            let result = (&self.memories, &self.vectors, &self.pending, &self.dedup).transaction(
-                |(memories, vectors, pending, dedup)| {
+            let result = (&self.memories, &self.vectors, &self.pending).transaction(
+                |(memories, vectors, pending)| {
                     memories.insert(&key, sealed.as_slice())?;
                     vectors.remove(&key)?;
-                    let was_pending = pending.remove(&key)?.is_some();
-                    if dedup
-                        .get(digest.as_slice())?
-                        .is_some_and(|v| v.as_ref() == id.0.to_be_bytes())
-                    {
-                        dedup.remove(digest.as_slice())?;
-                    }
-                    Ok(was_pending)
+                    Ok(pending.remove(&key)?.is_some())
                 },
             );
             were_pending += usize::from(transaction_result(result)?);
