@@ -151,22 +151,16 @@ fn bench(c: &mut Criterion) {
                 });
             }
         }
-        group.bench_function("this/mixed_sorted_budget_2048", |b| {
-            let batches = split_by_budget(&sorted, 32, 2048);
-            b.iter(|| {
-                for batch in &batches {
-                    run_batch(&mut sessions[0].1, batch).unwrap();
-                }
-            })
-        });
-        group.bench_function("other/mixed_sorted_budget_2048", |b| {
-            let batches = split_by_budget(&sorted, 32, 2048);
-            b.iter(|| {
-                for batch in &batches {
-                    run_batch(&mut sessions[1].1, batch).unwrap();
-                }
-            })
-        });
+        let batches = split_by_budget(&sorted, 32, 2048);
+        for (name, session) in &mut sessions {
+            group.bench_function(format!("{name}/mixed_sorted_budget_2048"), |b| {
+                b.iter(|| {
+                    for batch in &batches {
+                        run_batch(session, batch).unwrap();
+                    }
+                })
+            });
+        }
         group.finish();
     }
 

@@ -98,14 +98,7 @@ fn each_language_finds_its_own_answer_first() {
     let wrong = misses(&[]);
     assert!(wrong.is_empty(), "{wrong:#?}");
     // The model alone (trained on English) misses some of them: the words do the work.
-    let dense_only = misses(&[
-        "--dense-weight",
-        "1",
-        "--neighbour-weight",
-        "0",
-        "--min-lexical",
-        "1000",
-    ]);
+    let dense_only = misses(common::DENSE_ONLY);
     assert!(
         dense_only.iter().any(|miss| miss.starts_with("zh:")),
         "{dense_only:#?}"

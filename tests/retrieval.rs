@@ -61,14 +61,6 @@ const DOG: &str = "Do I have a dog?";
 
 #[test]
 fn dense_only_and_lexical_only_each_miss_what_the_hybrid_finds() {
-    let dense_only = [
-        "--dense-weight",
-        "1",
-        "--neighbour-weight",
-        "0",
-        "--min-lexical",
-        "1000",
-    ];
     let lexical_only = [
         "--dense-weight",
         "0",
@@ -78,7 +70,7 @@ fn dense_only_and_lexical_only_each_miss_what_the_hybrid_finds() {
         "1",
     ];
     let mut found = Vec::new();
-    for args in [&dense_only[..], &lexical_only[..], &[]] {
+    for args in [common::DENSE_ONLY, &lexical_only[..], &[]] {
         let dir = tempfile::tempdir().unwrap();
         let daemon = Daemon::start(dir.path(), args);
         let (key, answer, puppy) = load(&daemon);

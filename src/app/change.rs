@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::OwnedRwLockWriteGuard;
+
 use super::audit::Audited;
 use super::ingest::check_tags;
 use super::{blocking, App};
@@ -84,8 +86,18 @@ impl App {
         if groups.iter().all(|(ids, _)| ids.is_empty()) {
             return Ok(0);
         }
-        let lock = self.locks.of(vault);
-        let exclusive = lock.write_owned().await;
+        let exclusive = self.locks.of(vault).write_owned().await;
+        self.supersede_holding(exclusive, vault, groups).await
+    }
+
+    /// [`App::supersede`] for a caller that already holds the vault's lock exclusively (and
+    /// gives it up here).
+    async fn supersede_holding(
+        self: &Arc<Self>,
+        exclusive: OwnedRwLockWriteGuard<()>,
+        vault: VaultId,
+        groups: Vec<(Vec<MemoryId>, MemoryId)>,
+    ) -> Result<usize, ApiError> {
         let app = self.clone();
         let marked = blocking(move || {
             let _exclusive = exclusive;
@@ -192,13 +204,8 @@ impl App {
             ));
         }
         let first = ids[0];
-        let app = self.clone();
-        blocking(move || {
-            let _exclusive = exclusive;
-            app.supersede_locked(vault, vec![(vec![old], first)])
-        })
-        .await?;
-        self.commit("committing superseded memories").await?;
+        self.supersede_holding(exclusive, vault, vec![(vec![old], first)])
+            .await?;
         Ok(Corrected {
             id: first,
             ids,

@@ -156,8 +156,8 @@ impl App {
             .collect())
     }
 
-    /// Writes memories into a vault (the caller holds the vault's lock, shared or exclusive) and makes them
-    /// durable. Returns each one's id and whether it is new.
+    /// Writes memories into a vault (the caller holds the vault's lock, shared or exclusive)
+    /// and makes them durable. Returns each one's id and whether it is new.
     pub(super) async fn store_memories(
         self: &Arc<Self>,
         vault: VaultId,
@@ -263,8 +263,6 @@ impl App {
     }
 }
 
-/// Checks a list of tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_CHARS`] characters,
-/// without control characters.
 /// The memory an exchange's `supersedes` names as their successor: its first new memory, else
 /// its first memory (a resent exchange) that is not itself superseded by it.
 pub(super) fn successor(outcome: &[(MemoryId, bool)], supersedes: &[MemoryId]) -> Option<MemoryId> {
@@ -275,6 +273,8 @@ pub(super) fn successor(outcome: &[(MemoryId, bool)], supersedes: &[MemoryId]) -
         .map(|(id, _)| *id)
 }
 
+/// Checks a list of tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_CHARS`] characters,
+/// without control characters.
 pub fn check_tags(tags: &[String], field: &str) -> Result<(), ApiError> {
     if tags.len() > MAX_TAGS {
         return Err(ApiError::invalid(format!(

@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 
 use super::ingest::{check_tags, Message};
 use super::render::{collapse_duplicates, render_context};
-use super::search::{MetaFilter, Recalled};
+use super::search::{Filter, Recalled};
 use super::session::SessionScope;
 use super::{temporal, App};
 use crate::auth::MemoryAccess;
 use crate::embed::EmbedTiming;
 use crate::error::ApiError;
 use crate::ids::{Role, Scope};
-use crate::store::EntryMeta;
 
 pub struct PrepareRequest {
     pub messages: Vec<Message>,
@@ -159,14 +158,23 @@ impl App {
         if window.is_some() {
             candidates = candidates.saturating_mul(3);
         }
-        let keep = MemoryFilter {
+        // A confined request sees its session's memories and those stored without one.
+        let keep = Filter {
+            session_id: session.confined_to(access).map(str::to_owned),
+            with_sessionless: true,
             tags: request.tags,
-            session: session.confined_to(access).map(str::to_owned),
             since_ms: request.since_ms,
             until_ms: request.until_ms,
         };
         let mut recalled = self
-            .recall(access.vault, &query, vector, candidates, keep.boxed(), true)
+            .recall(
+                access.vault,
+                &query,
+                vector,
+                candidates,
+                keep.into_meta_filter(),
+                true,
+            )
             .await?;
         let lifts = Lifts {
             session: session.id.as_deref(),
@@ -252,43 +260,16 @@ impl Lifts<'_> {
     }
 }
 
-/// What prepare keeps: memories carrying every tag asked for, of the session a confined
-/// request is confined to, and in the time asked for.
-struct MemoryFilter {
-    tags: Vec<String>,
-    session: Option<String>,
-    since_ms: Option<i64>,
-    until_ms: Option<i64>,
-}
-
-impl MemoryFilter {
-    /// The filter as the index applies it; `None` when it keeps everything.
-    fn boxed(self) -> Option<MetaFilter> {
-        if self.tags.is_empty()
-            && self.session.is_none()
-            && self.since_ms.is_none()
-            && self.until_ms.is_none()
-        {
-            return None;
-        }
-        Some(Box::new(move |meta: &EntryMeta| {
-            self.tags.iter().all(|t| meta.tags.contains(t))
-                && self.session.as_deref().is_none_or(|s| {
-                    meta.session_id.is_none() || meta.session_id.as_deref() == Some(s)
-                })
-                && self.since_ms.is_none_or(|at| meta.created_at_ms >= at)
-                && self.until_ms.is_none_or(|at| meta.created_at_ms < at)
-        }))
-    }
+/// Where the conversation's latest user turn with something in it is.
+fn latest_user(messages: &[Message]) -> Option<usize> {
+    messages
+        .iter()
+        .rposition(|m| m.role == Role::User && !m.content.trim().is_empty())
 }
 
 /// The text of the conversation's latest user turn.
 fn latest_user_turn(messages: &[Message]) -> Option<&str> {
-    messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User && !m.content.trim().is_empty())
-        .map(|m| m.content.as_str())
+    latest_user(messages).map(|at| messages[at].content.as_str())
 }
 
 /// Characters of each earlier turn a short question takes into its query: its end, the part
@@ -304,9 +285,7 @@ pub fn build_query(
     short_query_words: usize,
     max_chars: usize,
 ) -> Option<String> {
-    let latest = messages
-        .iter()
-        .rposition(|m| m.role == Role::User && !m.content.trim().is_empty())?;
+    let latest = latest_user(messages)?;
     let question = messages[latest].content.trim();
     let mut parts = vec![question.to_owned()];
     let mut words = crate::index::word_count(question);

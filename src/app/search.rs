@@ -47,6 +47,8 @@ pub struct SearchRequest {
     pub tags: Vec<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
+    /// A listing without the superseded memories the export keeps (a query never finds them).
+    pub current_only: bool,
 }
 
 pub struct Found {
@@ -81,15 +83,16 @@ pub struct Warmed {
     pub took: std::time::Duration,
 }
 
-/// What a search filters on, applied to a record or to the index's metadata alike.
+/// What a search or a prepare filters on, applied to a record or to the index's metadata
+/// alike.
 #[derive(Clone)]
-struct Filter {
-    session_id: Option<String>,
+pub(super) struct Filter {
+    pub session_id: Option<String>,
     /// With `session_id`: memories stored without a session pass too (a confined request).
-    with_sessionless: bool,
-    tags: Vec<String>,
-    since_ms: Option<i64>,
-    until_ms: Option<i64>,
+    pub with_sessionless: bool,
+    pub tags: Vec<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
 }
 
 impl Filter {
@@ -100,8 +103,14 @@ impl Filter {
             && self.until_ms.is_none()
     }
 
-    fn accepts(&self, meta: &EntryMeta) -> bool {
-        self.accepts_fields(meta.created_at_ms, meta.session_id.as_deref(), &meta.tags)
+    /// The filter as the index applies it; `None` when it keeps everything.
+    pub(super) fn into_meta_filter(self) -> Option<MetaFilter> {
+        if self.is_empty() {
+            return None;
+        }
+        Some(Box::new(move |meta: &EntryMeta| {
+            self.accepts_fields(meta.created_at_ms, meta.session_id.as_deref(), &meta.tags)
+        }))
     }
 
     fn accepts_fields(&self, created_at_ms: i64, session: Option<&str>, tags: &[String]) -> bool {
@@ -174,13 +183,15 @@ impl App {
                     )));
                 }
                 let (vector, _) = self.embed_query(&query).await?;
-                let keep: Option<MetaFilter> = if filter.is_empty() {
-                    None
-                } else {
-                    Some(Box::new(move |meta: &EntryMeta| filter.accepts(meta)))
-                };
                 let mut recalled = self
-                    .recall(vault, &query, vector, limit, keep, false)
+                    .recall(
+                        vault,
+                        &query,
+                        vector,
+                        limit,
+                        filter.into_meta_filter(),
+                        false,
+                    )
                     .await?;
                 let boost = self.config.retrieval.session_boost;
                 lift_session(&mut recalled, lifted.as_deref(), boost);
@@ -207,15 +218,16 @@ impl App {
                 let shared = lock.read_owned().await;
                 let cipher = self.cipher(vault)?;
                 let store = self.store.clone();
-                let cursor = request.cursor;
+                let (cursor, current_only) = (request.cursor, request.current_only);
                 let (page, next) = blocking(move || {
                     let _shared = shared;
                     let mut keep = |record: &MemoryRecord| {
-                        filter.accepts_fields(
-                            record.created_at_ms,
-                            record.session_id.as_deref(),
-                            &record.tags,
-                        )
+                        !(current_only && record.superseded_by.is_some())
+                            && filter.accepts_fields(
+                                record.created_at_ms,
+                                record.session_id.as_deref(),
+                                &record.tags,
+                            )
                     };
                     Ok(store.memories_page(vault, &cipher, cursor, limit, &mut keep)?)
                 })

@@ -45,9 +45,7 @@ pub fn fingerprint(model: &Path, tokenizer: &Path) -> anyhow::Result<String> {
         std::io::copy(&mut file, &mut hasher)
             .with_context(|| format!("reading {}", path.display()))?;
     }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("sha256:{hex}"))
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
 fn ort_error<R>(error: ort::Error<R>) -> anyhow::Error {

@@ -224,16 +224,15 @@ async fn search(
         } else {
             None
         },
+        // A dated listing walks the export: an agent gets only what is current.
+        current_only: true,
     };
     let found = app
         .search(access, &SessionScope::default(), request)
         .await?;
-    // A dated listing walks the export, which keeps superseded memories: an agent gets only
-    // what is current.
     let memories: Vec<Value> = found
         .memories
         .iter()
-        .filter(|m| m.record.superseded_by.is_none())
         .map(|m| serde_json::to_value(WireMemory::from(m)).unwrap_or_default())
         .collect();
     Ok(json!({"memories": memories}))

@@ -18,6 +18,15 @@ use serde_json::{json, Value};
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz";
 pub const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 /// Where the manual clock of an in-process daemon starts: 2027-01-15T08:00:00Z.
+/// Daemon flags that leave the dense side alone in the ranking (the model's cosine only).
+pub const DENSE_ONLY: &[&str] = &[
+    "--dense-weight",
+    "1",
+    "--neighbour-weight",
+    "0",
+    "--min-lexical",
+    "1000",
+];
 pub const CLOCK_START_MS: i64 = 1_800_000_000_000;
 const DEADLINE: Duration = Duration::from_secs(60);
 

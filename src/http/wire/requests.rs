@@ -240,6 +240,7 @@ impl WireSearch {
             tags: self.tags,
             since_ms: timestamp_ms("since", self.since)?,
             until_ms: timestamp_ms("until", self.until)?,
+            current_only: false,
         })
     }
 }
