@@ -309,4 +309,50 @@ fn main() {
         ms(*latencies.last().unwrap_or(&Duration::ZERO)),
         proc_status_mb(daemon.pid(), "VmHWM:")
     );
+
+    // An online backup while a client keeps ingesting: how long writes wait (the manifest's
+    // `writes_paused_ms`), what the client saw, and the backup's size.
+    let backup = dir.path().join("backup");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let waits = Mutex::new(Vec::new());
+    let (answer, took) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let key = touched[0];
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let body = json!({"messages": [{"role": "user", "content": format!("backup-time note {n}")}]});
+                let t = Instant::now();
+                let response = daemon.post_json("/v1/memory/ingest", Some(key), None, &body);
+                assert_eq!(response.status, 202, "{}", response.text());
+                waits.lock().unwrap().push(t.elapsed());
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let answer = daemon.post_json(
+            "/v1/admin/backup",
+            Some(common::ADMIN_KEY),
+            None,
+            &json!({"to": backup}),
+        );
+        let took = started.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (answer, took)
+    });
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let manifest = answer.json();
+    let mut waits = waits.into_inner().unwrap();
+    waits.sort();
+    println!(
+        "online backup of {} memories: {:.1} s, writes paused {} ms, {:.0} MiB; ingests meanwhile: {} (p50 {} ms, max {} ms)",
+        manifest["counts"]["memories"],
+        took.as_secs_f64(),
+        manifest["writes_paused_ms"],
+        dir_bytes(&backup) as f64 / f64::from(1u32 << 20),
+        waits.len(),
+        ms(percentile(&waits, 0.5)),
+        ms(*waits.last().unwrap_or(&Duration::ZERO)),
+    );
 }

@@ -30,7 +30,7 @@ pub enum GraphOptimization {
 }
 
 /// The raw command line, as clap sees it. Validated into [`Config`] by [`Flags::validate`].
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(
     name = "memory-sidecar",
     version,
@@ -54,6 +54,17 @@ pub struct Flags {
     /// itself) wins over this file.
     #[arg(long, env = "MEMORY_SIDECAR_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// The tombstone journal: every vault erasure, memory deletion and key revocation (ids and
+    /// times only), appended and fsynced before it is done, and applied by `restore` to a
+    /// backup taken before it. Default: `<data-dir>/tombstones`. Keep it on another volume
+    /// than the data directory, so that it survives the loss of that disk.
+    #[arg(long, env = "MEMORY_SIDECAR_TOMBSTONE_LOG")]
+    pub tombstone_log: Option<PathBuf>,
+    /// Where `POST /v1/admin/backup` (and `memory-sidecar backup`) writes backups, one new
+    /// directory each; nothing is written elsewhere. Default: `<data-dir>/backups`. Put it on
+    /// another volume.
+    #[arg(long, env = "MEMORY_SIDECAR_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
     /// Directory holding libonnxruntime.so.1.31.1, model.onnx and tokenizer.json (`make models`).
     #[arg(long, env = "MEMORY_SIDECAR_MODELS_DIR", default_value = "./models")]
     pub models_dir: PathBuf,
@@ -311,6 +322,10 @@ pub struct Flags {
     /// sled's page cache, in bytes.
     #[arg(long, env = "MEMORY_SIDECAR_CACHE_BYTES", default_value_t = 256 << 20)]
     pub cache_bytes: u64,
+    /// Log one line per request at info (target `access`): route, method, status, duration,
+    /// key id, vault, peer, request id and trace id; never a secret or a memory text.
+    #[arg(long, env = "MEMORY_SIDECAR_ACCESS_LOG")]
+    pub access_log: bool,
 }
 
 /// The validated configuration. Secrets never live here (the admin key is read by `auth`, the
@@ -321,6 +336,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub master_key_file: PathBuf,
+    pub tombstone_log: PathBuf,
+    pub backup_dir: PathBuf,
     pub models_dir: PathBuf,
     pub log_format: LogFormat,
     pub log: String,
@@ -332,6 +349,7 @@ pub struct Config {
     pub accept_lost_commits: bool,
     pub reembed: bool,
     pub keep_serving_after_storage_failure: bool,
+    pub access_log: bool,
 }
 
 /// HTTP's own bounds: connections, time, body bytes. Passed to `http::serve`; the domain
@@ -594,6 +612,12 @@ impl Flags {
             master_key_file: self
                 .master_key_file
                 .unwrap_or_else(|| self.data_dir.join("master.key")),
+            tombstone_log: self
+                .tombstone_log
+                .unwrap_or_else(|| self.data_dir.join("tombstones")),
+            backup_dir: self
+                .backup_dir
+                .unwrap_or_else(|| self.data_dir.join("backups")),
             data_dir: self.data_dir,
             models_dir: self.models_dir,
             log_format: self.log_format,
@@ -655,6 +679,7 @@ impl Flags {
             accept_lost_commits: self.accept_lost_commits,
             reembed: self.reembed,
             keep_serving_after_storage_failure: self.keep_serving_after_storage_failure,
+            access_log: self.access_log,
         })
     }
 }

@@ -92,6 +92,8 @@ pub enum ApiError {
     StorageUnavailable,
     #[error("the store failed a write earlier and cannot serve this request from what it can still read; restart the daemon once the disk is fixed: see /readyz and its log")]
     StorageUnreadable,
+    #[error("the backup could not be written: {0}")]
+    BackupFailed(String),
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
     #[error("internal error")]
@@ -150,6 +152,7 @@ impl ApiError {
             ShuttingDown => ("shutting_down", 503),
             StorageUnavailable | StorageUnreadable => ("storage_unavailable", 503),
             Timeout(_) => ("timeout", 503),
+            BackupFailed(_) => ("backup_failed", 500),
             Internal(_) => ("internal", 500),
         };
         (code, Status(status))

@@ -19,6 +19,13 @@ pub fn sync_parent(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("fsync of the directory {}", parent.display()))
 }
 
+/// Makes the entries of a directory durable (new files in it, renames into it).
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("fsync of the directory {}", dir.display()))
+}
+
 /// Reads a secret file, or creates it (mode 0600, fsynced, its directory entry too) from
 /// `generate` when `create` is set and it does not exist. Warns when the file is readable by
 /// others. The log names the file, never what it holds.

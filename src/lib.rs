@@ -8,8 +8,8 @@
 //!
 //! # Layers
 //!
-//! `bounds, ids, vector, clock, fsio, metrics, notify -> config, throttle, error -> auth, crypto
-//! -> store -> embed, index -> app -> http` (then `main.rs`). A module imports only from layers to its
+//! `bounds, ids, vector, clock, fsio, metrics, notify, tombstones -> config, throttle, error -> auth, crypto
+//! -> store -> embed, index -> app -> http -> cli` (then `main.rs`). A module imports only from layers to its
 //! left; `tests/layers.rs` reads every `crate::` path in `src/` and fails on one that points
 //! right, or at a module missing from this line.
 //!
@@ -129,6 +129,7 @@
 pub mod app;
 pub mod auth;
 pub mod bounds;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
@@ -142,4 +143,5 @@ pub mod metrics;
 pub mod notify;
 pub mod store;
 pub mod throttle;
+pub mod tombstones;
 pub mod vector;

@@ -1,4 +1,5 @@
-//! The `memory-sidecar` binary: flags -> Config -> tracing -> App -> serve -> close -> exit code.
+//! The `memory-sidecar` binary: flags -> Config -> tracing -> App -> serve -> close -> exit code;
+//! or one of the operator's subcommands (`memory_sidecar::cli`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,8 +11,9 @@ use anyhow::Context;
 use clap::Parser;
 use memory_sidecar::app::{App, EXIT_STORAGE_FAILED};
 use memory_sidecar::auth::AdminKey;
+use memory_sidecar::cli::{self, Cli, Command};
 use memory_sidecar::clock::SystemClock;
-use memory_sidecar::config::{Config, Flags, HttpConfig, LogFormat, Surface};
+use memory_sidecar::config::{Config, HttpConfig, LogFormat, Surface};
 use memory_sidecar::crypto::MasterKey;
 use memory_sidecar::http::serve;
 use memory_sidecar::metrics::Metrics;
@@ -20,7 +22,13 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = match Flags::parse().validate() {
+    let cli = Cli::parse();
+    let flags = match cli.command {
+        None => cli.flags,
+        Some(Command::Serve(flags)) => flags,
+        Some(command) => return run_command(command),
+    };
+    let config = match flags.validate() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("memory-sidecar: invalid configuration: {error:#}");
@@ -36,6 +44,23 @@ fn main() -> ExitCode {
         Ok(Stopped::StorageFailed) => ExitCode::from(EXIT_STORAGE_FAILED),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "start-up or shutdown failed");
+            eprintln!("memory-sidecar: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A subcommand other than `serve`: warnings and errors on stderr, the answer on stdout.
+fn run_command(command: Command) -> ExitCode {
+    let filter = EnvFilter::try_from_env("MEMORY_SIDECAR_CLI_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
             eprintln!("memory-sidecar: {error:#}");
             ExitCode::FAILURE
         }

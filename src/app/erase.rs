@@ -15,6 +15,7 @@ use crate::auth::{Access, MemoryAccess};
 use crate::crypto::VaultCipher;
 use crate::error::ApiError;
 use crate::ids::{MemoryId, Scope, VaultId};
+use crate::tombstones::{Tombstone, MAX_IDS_PER_ENTRY};
 
 impl App {
     /// Deletes one memory of the key's vault.
@@ -129,6 +130,13 @@ impl App {
                 ids
             }
         };
+        let _held = self.store.hold_writes();
+        for chunk in ids.chunks(MAX_IDS_PER_ENTRY) {
+            self.tombstone(Tombstone::MemoriesDeleted {
+                vault: vault.to_string(),
+                memories: chunk.iter().map(MemoryId::to_string).collect(),
+            })?;
+        }
         let (deleted, were_pending) = self
             .store
             .delete_memories(vault, cipher, &ids)
@@ -196,6 +204,13 @@ impl App {
             // A removal once asked for stays asked for, even if a later call only empties it.
             record.removing |= removing;
             record.erasing = true;
+            let _held = app.store.hold_writes();
+            let vault_id = vault.to_string();
+            app.tombstone(if record.removing {
+                Tombstone::VaultErased { vault: vault_id }
+            } else {
+                Tombstone::VaultEmptied { vault: vault_id }
+            })?;
             app.store
                 .set_vault(vault, &record)
                 .map_err(app.storage_error("marking a vault for erasure"))?;

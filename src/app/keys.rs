@@ -18,6 +18,7 @@ use crate::bounds::{
 use crate::error::ApiError;
 use crate::ids::{KeyId, Scope, VaultId};
 use crate::store::{KeyRecord, KeyStatus};
+use crate::tombstones::Tombstone;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -303,6 +304,11 @@ impl App {
             let record = app.visible_key(&access, &id)?;
             check_manageable(&access, &record)?;
             let now = app.now_ms();
+            let _held = app.store.hold_writes();
+            app.tombstone(Tombstone::KeyRevoked {
+                key: record.id.to_string(),
+                effective_at_ms: record.revoked_at_ms.unwrap_or(now),
+            })?;
             app.store
                 .update_key(&record.id, &mut |record| {
                     record.revoked_at_ms.get_or_insert(now);
@@ -404,6 +410,11 @@ impl App {
                 ..old
             };
             let old_id = old.id.clone();
+            let _held = app.store.hold_writes();
+            app.tombstone(Tombstone::KeyRevoked {
+                key: old_id.to_string(),
+                effective_at_ms: now + i64::from(grace_days) * DAY_MS,
+            })?;
             let (key, record) = app.insert_new_key(template)?;
             app.store
                 .update_key(&old_id, &mut |old| {

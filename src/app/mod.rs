@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backup;
 mod blocking;
 pub mod change;
 pub mod erase;
@@ -33,6 +34,7 @@ pub mod search;
 pub mod session;
 pub mod temporal;
 pub mod upload;
+pub mod vaults;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -55,6 +57,7 @@ use crate::index::Indexes;
 use crate::metrics::Metrics;
 use crate::store::{Backend, SledOptions, SledStore};
 use crate::throttle::{FailureThrottle, KeyThrottle};
+use crate::tombstones::{Journal, Tombstone};
 
 /// How often a key's last use is written to the store, at most.
 const TOUCH_EVERY_MS: i64 = 60_000;
@@ -106,6 +109,8 @@ pub struct App {
     /// two rotations cannot both win and no key slips into a vault being removed.
     key_ops: Mutex<()>,
     indexer: Mutex<Option<JoinHandle<()>>>,
+    /// Erasures and revocations, for a restore to apply (`crate::tombstones`).
+    tombstones: Journal,
 }
 
 /// The exit code after the store failed in the way that needs a restart (`Restart=on-failure`
@@ -131,6 +136,7 @@ impl App {
         };
         let store: Arc<dyn Backend> =
             Arc::new(SledStore::open(&options, &master, metrics.clone())?);
+        let tombstones = Journal::open(&config.tombstone_log)?;
         let limits = &config.limits;
         let app = App {
             indexes: Arc::new(Indexes::new(
@@ -158,6 +164,7 @@ impl App {
             counts: Mutex::new(HashMap::new()),
             key_ops: Mutex::new(()),
             indexer: Mutex::new(None),
+            tombstones,
         };
         app.recover()?;
         app.check_embedding_model()?;
@@ -250,6 +257,21 @@ impl App {
             );
         }
         self.store.sync()
+    }
+
+    /// Writes a tombstone, durably, before the change it records (the caller holds writes
+    /// off a backup's copy across both: `Snapshots::hold_writes`).
+    fn tombstone(&self, tombstone: Tombstone) -> Result<(), ApiError> {
+        self.tombstones
+            .append(self.now_ms(), tombstone)
+            .map(|_| ())
+            .map_err(|error| {
+                tracing::error!(
+                    error = %format!("{error:#}"),
+                    "writing the tombstone journal failed; nothing was erased or revoked"
+                );
+                ApiError::StorageUnavailable
+            })
     }
 
     pub fn config(&self) -> &Config {

@@ -182,6 +182,48 @@ impl Keyring {
         Ok(cipher)
     }
 
+    /// Rewraps every data key of the keyring at `path` from the `old` master key to `new`,
+    /// writing a new file beside it and renaming it over the old one (fsynced both), so a crash
+    /// leaves one keyring or the other, whole. Refuses a keyring with a damaged slot (its
+    /// vault's key could not be carried over). Returns the number of data keys. The keyring
+    /// must not be open.
+    pub fn rewrap(path: &Path, old: &MasterKey, new: &MasterKey) -> anyhow::Result<usize> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (old, new) = (old.cipher(), new.cipher());
+        check_header(&old, &bytes)
+            .with_context(|| format!("keyring {} (is this its master key?)", path.display()))?;
+        let mut out = header(&new).to_vec();
+        let mut keys = 0;
+        for (index, slot) in bytes[SLOT_LEN..].chunks_exact(SLOT_LEN).enumerate() {
+            match unwrap_slot(&old, slot) {
+                Some((vault, data_key)) => {
+                    out.extend_from_slice(&wrap_slot(&new, vault, &data_key));
+                    keys += 1;
+                }
+                None if slot[0] == SLOT_USED => bail!(
+                    "slot {index} of the keyring {} fails authentication: restore the keyring \
+                     from backup before rewrapping",
+                    path.display()
+                ),
+                None => out.extend_from_slice(&[0u8; SLOT_LEN]),
+            }
+        }
+        let temporary = path.with_extension("rewrap");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .with_context(|| format!("creating {}", temporary.display()))?;
+        std::io::Write::write_all(&mut file, &out)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+            .with_context(|| format!("replacing {}", path.display()))?;
+        sync_parent(path)?;
+        Ok(keys)
+    }
+
     /// Destroys the vault's data key, durably: its slot is zeroed in place.
     pub fn remove(&self, vault: VaultId) -> anyhow::Result<()> {
         let file = self.file.lock().expect("keyring file lock");

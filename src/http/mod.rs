@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -117,6 +117,10 @@ pub async fn serve(
     Ok(())
 }
 
+/// The time a backup or a check may take before its answer is given up (the work itself runs
+/// to the end).
+const LONG_OPERATION_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
 async fn handle(
     server: Arc<Server>,
     peer: IpAddr,
@@ -127,7 +131,11 @@ async fn handle(
     let (route, _) = Route::of(request.uri().path());
     // Decremented on drop: hyper drops this future when a client hangs up mid-request.
     let _in_flight = InFlight::enter(&app.metrics.http_in_flight);
-    let timeout = server.config.request_timeout;
+    // A backup or a check reads the whole store: the operator's client waits for it.
+    let timeout = match route {
+        Route::Backup | Route::Check => LONG_OPERATION_TIMEOUT,
+        _ => server.config.request_timeout,
+    };
     let outcome = match tokio::time::timeout(timeout, dispatch(&server, route, request)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),

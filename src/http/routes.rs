@@ -43,8 +43,11 @@ pub enum Route {
     Warmup,
     Memory,
     MemoryItem,
+    Vaults,
     Vault,
     Audit,
+    Backup,
+    Check,
     Mcp,
     OpenApi,
     Unknown,
@@ -72,8 +75,11 @@ impl Route {
             ["v1", "memory", "stats"] => (Route::Stats, None),
             ["v1", "memory", "warmup"] => (Route::Warmup, None),
             ["v1", "memory", id] => (Route::MemoryItem, Some(id)),
+            ["v1", "vaults"] => (Route::Vaults, None),
             ["v1", "vaults", id] => (Route::Vault, Some(id)),
             ["v1", "audit"] => (Route::Audit, None),
+            ["v1", "admin", "backup"] => (Route::Backup, None),
+            ["v1", "admin", "check"] => (Route::Check, None),
             ["mcp"] => (Route::Mcp, None),
             ["openapi.json"] => (Route::OpenApi, None),
             _ => (Route::Unknown, None),
@@ -97,8 +103,11 @@ impl Route {
             Route::Warmup => "warmup",
             Route::Memory => "memory",
             Route::MemoryItem => "memory_item",
+            Route::Vaults => "vaults",
             Route::Vault => "vault",
             Route::Audit => "audit",
+            Route::Backup => "backup",
+            Route::Check => "check",
             Route::Mcp => "mcp",
             Route::OpenApi => "openapi",
             Route::Unknown => "unknown",
@@ -112,8 +121,11 @@ impl Route {
             Route::Keys
                 | Route::Key
                 | Route::KeyRotate
+                | Route::Vaults
                 | Route::Vault
                 | Route::Audit
+                | Route::Backup
+                | Route::Check
                 | Route::Metrics
         );
         let everywhere = matches!(
@@ -136,6 +148,8 @@ impl Route {
             | Route::Metrics
             | Route::Stats
             | Route::Audit
+            | Route::Vaults
+            | Route::Check
             | Route::OpenApi => "GET",
             Route::Keys => "GET, POST",
             Route::Key => "GET, DELETE",
@@ -145,15 +159,17 @@ impl Route {
             | Route::Search
             | Route::Upload
             | Route::Warmup
+            | Route::Backup
             | Route::Mcp => "POST",
             Route::MemoryItem => "PATCH, DELETE",
-            Route::Memory | Route::Vault => "DELETE",
+            Route::Vault => "GET, DELETE",
+            Route::Memory => "DELETE",
             Route::Unknown => "",
         }
     }
 
     /// Every route with a path, in table order.
-    pub const ALL: [Route; 19] = [
+    pub const ALL: [Route; 22] = [
         Route::Health,
         Route::Healthz,
         Route::Readyz,
@@ -170,8 +186,11 @@ impl Route {
         Route::Warmup,
         Route::Memory,
         Route::MemoryItem,
+        Route::Vaults,
         Route::Vault,
         Route::Audit,
+        Route::Backup,
+        Route::Check,
         Route::Mcp,
     ];
 
@@ -194,8 +213,11 @@ impl Route {
             Route::Warmup => "/v1/memory/warmup",
             Route::Memory => "/v1/memory",
             Route::MemoryItem => "/v1/memory/{id}",
+            Route::Vaults => "/v1/vaults",
             Route::Vault => "/v1/vaults/{id}",
             Route::Audit => "/v1/audit",
+            Route::Backup => "/v1/admin/backup",
+            Route::Check => "/v1/admin/check",
             Route::Mcp => "/mcp",
             Route::Unknown => return None,
         })
@@ -225,6 +247,9 @@ impl Route {
             }
             (Route::MemoryItem, _) => &[204, 400, 401, 403, 404, 429, 500, 503],
             (Route::Vault, _) => &[200, 400, 401, 403, 404, 429, 500, 503],
+            (Route::Vaults, _) => &[200, 400, 401, 403, 429, 500, 503],
+            (Route::Backup, _) => &[201, 400, 401, 403, 413, 415, 429, 500, 503],
+            (Route::Check, _) => &[200, 401, 403, 429, 500, 503],
             (Route::Mcp, _) => &[200, 202, 400, 401, 403, 413, 415, 429, 500, 503],
             (Route::Unknown, _) => &[404],
         }
@@ -482,6 +507,23 @@ pub(super) async fn dispatch(
             app.delete_memory(&access, param).await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
+        (Route::Vaults, _) => {
+            query.only(&["limit", "cursor"])?;
+            let admin = app.admin_access(credential).await?;
+            let cursor = query.get("cursor").map(wire::vault_id).transpose()?;
+            let limit = query.number("limit")?.unwrap_or(100);
+            let page = app.list_vaults(&admin, cursor, limit).await?;
+            Ok(json(StatusCode::OK, &page))
+        }
+        (Route::Vault, Method::GET) => {
+            query.only(&[])?;
+            let admin = app.admin_access(credential).await?;
+            let vault = param
+                .parse()
+                .map_err(|_| ApiError::VaultNotFound(param.to_owned()))?;
+            let info = app.vault_info(&admin, vault).await?;
+            Ok(json(StatusCode::OK, &info))
+        }
         (Route::Vault, _) => {
             query.only(&[])?;
             let admin = app.admin_access(credential).await?;
@@ -506,6 +548,20 @@ pub(super) async fn dispatch(
             let limit = query.number("limit")?.unwrap_or(100);
             let (entries, next) = app.audit_log(&admin, cursor, limit).await?;
             Ok(json(StatusCode::OK, &wire::audit_page(&entries, next)))
+        }
+        (Route::Backup, _) => {
+            query.only(&[])?;
+            let admin = app.admin_access(credential).await?;
+            let body = read_optional_json_body(app, request, max_body).await?;
+            let name = wire::parse::<wire::WireBackup>(&body)?.name;
+            let taken = app.backup(&admin, name).await?;
+            Ok(json(StatusCode::CREATED, &taken))
+        }
+        (Route::Check, _) => {
+            query.only(&[])?;
+            app.admin_access(credential).await?;
+            let report = app.check().await?;
+            Ok(json(StatusCode::OK, &report))
         }
         (Route::Mcp, _) => {
             query.only(&[])?;

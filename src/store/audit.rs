@@ -24,6 +24,7 @@ pub trait Audit {
 
 impl Audit for SledStore {
     fn append_audit(&self, entry: &AuditEntry, max_entries: usize) -> anyhow::Result<()> {
+        let _writing = self.writing();
         let seq = self.db.generate_id()?;
         self.audit
             .insert(seq.to_be_bytes(), serde_json::to_vec(entry)?)?;

@@ -81,6 +81,7 @@ fn page(
 
 impl Keys for SledStore {
     fn insert_key(&self, record: &KeyRecord) -> anyhow::Result<bool> {
+        let _writing = self.writing();
         let value = serde_json::to_vec(record)?;
         let id = record.id.as_str().as_bytes();
         let by_vault = vault_key(record.vault, &record.id);
@@ -107,6 +108,7 @@ impl Keys for SledStore {
         id: &KeyId,
         change: &mut dyn FnMut(&mut KeyRecord),
     ) -> anyhow::Result<Option<KeyRecord>> {
+        let _writing = self.writing();
         let key = id.as_str().as_bytes();
         loop {
             let Some(current) = self.keys.get(key)? else {

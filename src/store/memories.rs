@@ -173,6 +173,7 @@ impl Memories for SledStore {
         cipher: &VaultCipher,
         memories: &[NewMemory],
     ) -> anyhow::Result<Vec<(MemoryId, bool)>> {
+        let _writing = self.writing();
         let mut prepared = Vec::with_capacity(memories.len());
         // Imported already superseded: kept for export, never embedded.
         let mut superseded = HashSet::new();
@@ -280,6 +281,7 @@ impl Memories for SledStore {
         cipher: &VaultCipher,
         ids: &[MemoryId],
     ) -> anyhow::Result<(Vec<MemoryId>, usize)> {
+        let _writing = self.writing();
         let mut found = Vec::new();
         for id in ids {
             if let Some(record) = self.memory(vault, cipher, *id)? {
@@ -331,6 +333,7 @@ impl Memories for SledStore {
         ids: &[MemoryId],
         by: MemoryId,
     ) -> anyhow::Result<(Vec<MemoryId>, usize)> {
+        let _writing = self.writing();
         let mut marked = Vec::new();
         let mut were_pending = 0;
         for id in ids {
@@ -396,10 +399,12 @@ impl Memories for SledStore {
     }
 
     fn clear_pending(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool> {
+        let _writing = self.writing();
         Ok(self.pending.remove(memory_key(vault, id))?.is_some())
     }
 
     fn set_unembeddable(&self, vault: VaultId, id: MemoryId) -> anyhow::Result<bool> {
+        let _writing = self.writing();
         let key = memory_key(vault, id);
         self.unembeddable.insert(key, &[])?;
         Ok(self.pending.remove(key)?.is_some())

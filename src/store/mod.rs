@@ -24,6 +24,7 @@
 //!    untrustworthy, `is_healthy` is false and every later commit fails, until a restart.
 
 mod audit;
+pub mod backup;
 mod commit;
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -39,13 +40,14 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use self::audit::Audit;
+pub use self::backup::Snapshots;
 pub use self::keys::{KeyPage, Keys};
 pub use self::memories::Memories;
 pub use self::records::{
     AuditEntry, EntryMeta, KeyRecord, KeyStatus, MemoryPage, MemoryRecord, NewMemory, Passage,
     Removed, VaultRecord,
 };
-pub use self::sled::{SledOptions, SledStore};
+pub use self::sled::{data_dir_in_use, SledOptions, SledStore, WriteHold};
 pub use self::vaults::Vaults;
 pub use self::vectors::{VectorItem, Vectors};
 
@@ -77,9 +79,15 @@ pub trait Durability {
 }
 
 /// The one interface between the app and the system of record.
-pub trait Backend: Keys + Vaults + Memories + Vectors + Audit + Durability + Send + Sync {}
+pub trait Backend:
+    Keys + Vaults + Memories + Vectors + Audit + Snapshots + Durability + Send + Sync
+{
+}
 
-impl<T: Keys + Vaults + Memories + Vectors + Audit + Durability + Send + Sync> Backend for T {}
+impl<T: Keys + Vaults + Memories + Vectors + Audit + Snapshots + Durability + Send + Sync> Backend
+    for T
+{
+}
 
 impl Durability for SledStore {
     fn commit(&self) -> CommitFuture {

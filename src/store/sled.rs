@@ -70,6 +70,17 @@ pub struct SledStore {
     pub(super) audit_entries: AtomicUsize,
     pub(super) keyring: Keyring,
     pub(super) committer: Committer,
+    /// Every write method holds it shared; a backup holds it exclusively while it copies.
+    pub(super) gate: parking_lot::RwLock<()>,
+    /// The data directory's `lock` file, locked exclusively while the store is open: one
+    /// process at a time (the daemon, or a command that opens the directory itself).
+    _lock: File,
+}
+
+/// Writes held off a backup's copy for as long as it lives (see
+/// [`super::backup::Snapshots::hold_writes`]).
+pub struct WriteHold<'a> {
+    pub(super) _guard: parking_lot::RwLockReadGuard<'a, ()>,
 }
 
 impl SledStore {
@@ -82,6 +93,7 @@ impl SledStore {
     ) -> anyhow::Result<SledStore> {
         let dir = options.data_dir.join("store");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = lock_data_dir(&options.data_dir)?;
         let db = sled::Config::new()
             .path(&dir)
             .cache_capacity(options.cache_bytes)
@@ -140,9 +152,16 @@ impl SledStore {
             vaults,
             keyring,
             committer,
+            gate: parking_lot::RwLock::new(()),
+            _lock: lock,
             path: dir,
             db,
         })
+    }
+
+    /// What every write method holds (see `gate`).
+    pub(super) fn writing(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gate.read_recursive()
     }
 
     /// A store in `dir` with a random master key, for tests.
@@ -164,8 +183,43 @@ impl SledStore {
     }
 }
 
+/// Whether another process (a daemon, or a command on its data directory) holds the data
+/// directory's lock. A directory without a lock file is not in use.
+pub fn data_dir_in_use(data_dir: &Path) -> anyhow::Result<bool> {
+    use fs2::FileExt;
+    let path = data_dir.join("lock");
+    let file = match File::options().read(true).write(true).open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error).with_context(|| format!("opening {}", path.display())),
+    };
+    let in_use = file.try_lock_exclusive().is_err();
+    Ok(in_use)
+}
+
+/// Takes the data directory's lock, or says that another process holds it.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    use fs2::FileExt;
+    let path = data_dir.join("lock");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if file.try_lock_exclusive().is_err() {
+        bail!(
+            "{} is in use by another process (a running daemon, or a command on its data \
+             directory): stop it, or run the command against the daemon's admin listener",
+            data_dir.display()
+        );
+    }
+    Ok(file)
+}
+
 /// The number of the last group commit written to the store (0 for a new store).
-fn commit_seq(meta: &sled::Tree) -> anyhow::Result<u64> {
+pub(super) fn commit_seq(meta: &sled::Tree) -> anyhow::Result<u64> {
     Ok(match meta.get(COMMIT_SEQ)? {
         Some(bytes) => u64::from_be_bytes(
             bytes

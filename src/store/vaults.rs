@@ -53,6 +53,7 @@ pub trait Vaults {
 
 impl Vaults for SledStore {
     fn create_vault(&self, created_at_ms: i64) -> anyhow::Result<VaultId> {
+        let _writing = self.writing();
         let vault = VaultId::generate();
         self.keyring.replace(vault)?;
         let record = VaultRecord {
@@ -83,6 +84,7 @@ impl Vaults for SledStore {
     }
 
     fn set_vault(&self, vault: VaultId, record: &VaultRecord) -> anyhow::Result<()> {
+        let _writing = self.writing();
         self.vaults.insert(vault.0, serde_json::to_vec(record)?)?;
         Ok(())
     }
@@ -112,6 +114,7 @@ impl Vaults for SledStore {
     }
 
     fn erase_vault(&self, vault: VaultId, removing: bool, now_ms: i64) -> anyhow::Result<Removed> {
+        let _writing = self.writing();
         // 1. Destroy the data key, durably: from here on the old rows cannot be opened.
         if removing {
             self.keyring.remove(vault)?;
@@ -146,6 +149,7 @@ impl Vaults for SledStore {
     }
 
     fn reconcile_data_keys(&self) -> anyhow::Result<usize> {
+        let _writing = self.writing();
         let live: HashSet<VaultId> = self.vaults()?.into_iter().map(|(v, _)| v).collect();
         for vault in self.keyring.vaults() {
             if !live.contains(&vault) {

@@ -50,6 +50,7 @@ impl Vectors for SledStore {
         cipher: &VaultCipher,
         items: &[VectorItem],
     ) -> anyhow::Result<()> {
+        let _writing = self.writing();
         let mut vectors = sled::Batch::default();
         let mut pending = sled::Batch::default();
         for (id, vector, meta) in items {
@@ -104,6 +105,7 @@ impl Vectors for SledStore {
     }
 
     fn set_embedding_model(&self, fingerprint: &str, reembed: bool) -> anyhow::Result<usize> {
+        let _writing = self.writing();
         let mut marked = 0;
         if reembed {
             let mut batch = sled::Batch::default();

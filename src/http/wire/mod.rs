@@ -17,8 +17,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 pub use self::requests::{
-    upload_lines, BodySession, ParsedLine, WireCorrection, WireIngest, WireMessage, WireMintKey,
-    WirePrepare, WireRotate, WireSearch,
+    upload_lines, BodySession, ParsedLine, WireBackup, WireCorrection, WireIngest, WireMessage,
+    WireMintKey, WirePrepare, WireRotate, WireSearch,
 };
 pub use self::responses::{
     audit_page, stats, upload_result, warmed, WireKeyInfo, WireKeyList, WireMemory, WireMinted,

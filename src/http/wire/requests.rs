@@ -190,6 +190,14 @@ impl WireMintKey {
     }
 }
 
+/// `POST /v1/admin/backup`: the new backup's name under `--backup-dir` (default: the time).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireBackup {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 #[derive(Deserialize)]
 pub struct WireRotate {
     #[serde(default)]

@@ -1,0 +1,496 @@
+//! Backups of the embedded backend: a consistent copy of every durable tree and of the
+//! keyring, taken while the daemon serves, and the restore of one into an empty data directory.
+//!
+//! A backup is a directory: one file per sled tree (`trees/<name>`, records as
+//! `u32 key length, key, u32 value length, value`, little-endian), `keyring` (the wrapped data
+//! keys, byte for byte) and `manifest.json`, written last, which names every file with its size,
+//! record count and sha256. A directory without a manifest, or whose files do not match it, is
+//! not a backup and is refused. Everything in it is as sealed as in the store (no memory text,
+//! no data key, no key secret in the clear): it is useless without the master key.
+//!
+//! Consistency: the copy is taken with writes held ([`SledStore::hold_writes`] is the other
+//! side): every write method of the backend takes the gate shared, the backup takes it
+//! exclusively, so it sees each write whole or not at all, in every tree and the keyring at
+//! once. Reads go on meanwhile; writes wait for the length of the copy (the manifest says how
+//! long: `writes_paused_ms`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::ledger::Ledger;
+use super::sled::{commit_seq, SledStore, WriteHold};
+
+/// What `manifest.json` says `format` is.
+pub const FORMAT: &str = "memory-sidecar-backup";
+/// The manifest's version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The trees a backup holds. `key_used` (last use of each key, coarse and not durable) is left
+/// out: a restored key reads as not used since the restore.
+const TREES: [&str; 10] = [
+    "meta",
+    "keys",
+    "vault_keys",
+    "vaults",
+    "memories",
+    "vectors",
+    "pending",
+    "unembeddable",
+    "dedup",
+    "audit",
+];
+
+/// A record of more than this is not one this build wrote: the manifest and the checksum
+/// passed, so the file was written by something else.
+const MAX_RECORD_BYTES: u32 = 64 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    /// The build that wrote it.
+    pub daemon_version: String,
+    pub created_at_ms: i64,
+    /// The store's schema and its last group commit when the copy was taken.
+    pub schema: String,
+    pub commit_seq: u64,
+    /// The tombstone journal's last entry when the copy was taken: a restore applies every
+    /// entry after it.
+    pub tombstones_seq: u64,
+    /// How long writes waited while the copy was taken.
+    pub writes_paused_ms: u64,
+    pub counts: Counts,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub vaults: u64,
+    pub keys: u64,
+    pub memories: u64,
+    pub vectors: u64,
+    pub pending: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the backup directory.
+    pub path: String,
+    pub bytes: u64,
+    /// Records in a tree's file (0 for the keyring).
+    pub records: u64,
+    pub sha256: String,
+}
+
+/// The backend's part in backups (the embedded backend's; PostgreSQL has its own).
+pub trait Snapshots {
+    /// Holds writes off a backup's copy while it lives, so that writes to the tombstone
+    /// journal and the store that go together are copied together. Writes within it nest.
+    fn hold_writes(&self) -> WriteHold<'_>;
+
+    /// Writes a consistent copy of the store and the keyring into `to` (created; must not
+    /// exist or be empty), with writes held while the trees are read. `tombstones_seq` is read
+    /// with writes held, so that the journal's entries up to it are in the copy and the later
+    /// ones are not.
+    fn backup_to(
+        &self,
+        to: &Path,
+        tombstones_seq: &dyn Fn() -> u64,
+        now_ms: i64,
+    ) -> anyhow::Result<Manifest>;
+}
+
+impl Snapshots for SledStore {
+    fn hold_writes(&self) -> WriteHold<'_> {
+        WriteHold {
+            _guard: self.writing(),
+        }
+    }
+
+    fn backup_to(
+        &self,
+        to: &Path,
+        tombstones_seq: &dyn Fn() -> u64,
+        now_ms: i64,
+    ) -> anyhow::Result<Manifest> {
+        prepare_empty_dir(to)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(to.join("trees"))
+            .with_context(|| format!("creating {}", to.join("trees").display()))?;
+        let mut files = Vec::new();
+        let mut counts = Counts::default();
+        let (paused, commit_seq, schema, tombstones) = {
+            let started = Instant::now();
+            let _held = self.gate.write();
+            let tombstones = tombstones_seq();
+            let meta = self.db.open_tree("meta")?;
+            let commit_seq = commit_seq(&meta)?;
+            let schema = meta
+                .get("schema")?
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_default();
+            for name in TREES {
+                let tree = self.db.open_tree(name)?;
+                let entry = write_tree(&tree, &to.join("trees").join(name), name)?;
+                match name {
+                    "vaults" => counts.vaults = entry.records,
+                    "keys" => counts.keys = entry.records,
+                    "memories" => counts.memories = entry.records,
+                    "vectors" => counts.vectors = entry.records,
+                    "pending" => counts.pending = entry.records,
+                    _ => {}
+                }
+                files.push(entry);
+            }
+            files.push(copy_file(
+                self.keyring.path(),
+                &to.join("keyring"),
+                "keyring",
+            )?);
+            (
+                started.elapsed().as_millis() as u64,
+                commit_seq,
+                schema,
+                tombstones,
+            )
+        };
+        crate::fsio::sync_dir(&to.join("trees"))?;
+        let manifest = Manifest {
+            format: FORMAT.to_owned(),
+            version: FORMAT_VERSION,
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            created_at_ms: now_ms,
+            schema,
+            commit_seq,
+            tombstones_seq: tombstones,
+            writes_paused_ms: paused,
+            counts,
+            files,
+        };
+        write_manifest(to, &manifest)?;
+        Ok(manifest)
+    }
+}
+
+/// Reads a backup's manifest and checks every file it names against it (size, records,
+/// sha256). Says what is wrong with a damaged or incomplete backup.
+pub fn verify(from: &Path) -> anyhow::Result<Manifest> {
+    let path = from.join("manifest.json");
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{} has no manifest.json: it is not a backup, or one that was cut short (the \
+             manifest is written last)",
+            from.display()
+        ),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a backup manifest", path.display()))?;
+    if manifest.format != FORMAT {
+        bail!(
+            "{}: format {:?}, expected {FORMAT:?}",
+            path.display(),
+            manifest.format
+        );
+    }
+    if manifest.version != FORMAT_VERSION {
+        bail!(
+            "{}: backup format version {}, this build reads version {FORMAT_VERSION}",
+            path.display(),
+            manifest.version
+        );
+    }
+    let named: BTreeMap<&str, &FileEntry> = manifest
+        .files
+        .iter()
+        .map(|file| (file.path.as_str(), file))
+        .collect();
+    for name in TREES {
+        let relative = format!("trees/{name}");
+        if !named.contains_key(relative.as_str()) {
+            bail!("the manifest does not name {relative}: the backup is incomplete");
+        }
+    }
+    if !named.contains_key("keyring") {
+        bail!("the manifest does not name the keyring: the backup is incomplete");
+    }
+    for file in &manifest.files {
+        if file.path.contains("..") || file.path.starts_with('/') {
+            bail!("the manifest names {:?}, outside the backup", file.path);
+        }
+        let path = from.join(&file.path);
+        let (bytes, sha256) =
+            hash_file(&path).with_context(|| format!("the backup's {} is missing", file.path))?;
+        if bytes != file.bytes {
+            bail!(
+                "the backup's {} holds {bytes} bytes, the manifest says {}: it is damaged",
+                file.path,
+                file.bytes
+            );
+        }
+        if sha256 != file.sha256 {
+            bail!(
+                "the backup's {} does not match its sha256 in the manifest: it is damaged",
+                file.path
+            );
+        }
+    }
+    Ok(manifest)
+}
+
+/// Writes a verified backup into `data_dir` (created; must not exist or be empty): the trees
+/// into a new sled store, the keyring, and a ledger at the backup's commit. The store is
+/// opened normally afterwards (which checks the keyring against the master key).
+pub fn restore_files(from: &Path, manifest: &Manifest, data_dir: &Path) -> anyhow::Result<()> {
+    prepare_empty_dir(data_dir)?;
+    let store_dir = data_dir.join("store");
+    std::fs::create_dir(&store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
+    let db = sled::Config::new()
+        .path(&store_dir)
+        .open()
+        .with_context(|| format!("creating the store in {}", store_dir.display()))?;
+    for file in &manifest.files {
+        let Some(name) = file.path.strip_prefix("trees/") else {
+            continue;
+        };
+        let tree = db.open_tree(name)?;
+        let records = read_tree(&from.join(&file.path), &tree)
+            .with_context(|| format!("restoring {}", file.path))?;
+        if records != file.records {
+            bail!(
+                "the backup's {} holds {records} records, the manifest says {}",
+                file.path,
+                file.records
+            );
+        }
+    }
+    db.flush().context("flushing the restored store")?;
+    File::open(store_dir.join("db"))?
+        .sync_all()
+        .context("fsync of the restored store")?;
+    drop(db);
+    copy_file(&from.join("keyring"), &data_dir.join("keyring"), "keyring")?;
+    Ledger::open(&data_dir.join("ledger"), manifest.commit_seq)?;
+    crate::fsio::sync_dir(data_dir)?;
+    Ok(())
+}
+
+/// Creates `dir` (and its parents) or accepts an empty one.
+fn prepare_empty_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                bail!("{} is not empty: choose a new directory", dir.display());
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            crate::fsio::sync_parent(dir)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
+/// A file being written, hashed as it goes.
+struct HashingWriter {
+    out: BufWriter<File>,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl HashingWriter {
+    fn create(path: &Path) -> anyhow::Result<HashingWriter> {
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(HashingWriter {
+            out: BufWriter::with_capacity(1 << 20, file),
+            hash: Sha256::new(),
+            bytes: 0,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.out.write_all(bytes)?;
+        self.hash.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes and fsyncs; the size and the sha256.
+    fn finish(self) -> anyhow::Result<(u64, String)> {
+        let file = self.out.into_inner().map_err(|error| error.into_error())?;
+        file.sync_all()?;
+        Ok((self.bytes, hex::encode(self.hash.finalize())))
+    }
+}
+
+fn write_tree(tree: &sled::Tree, path: &Path, name: &str) -> anyhow::Result<FileEntry> {
+    let mut out = HashingWriter::create(path)?;
+    let mut records = 0;
+    for entry in tree.iter() {
+        let (key, value) = entry.with_context(|| format!("reading the store's {name} tree"))?;
+        for part in [key.as_ref(), value.as_ref()] {
+            out.write(&(part.len() as u32).to_le_bytes())?;
+            out.write(part)?;
+        }
+        records += 1;
+    }
+    let (bytes, sha256) = out
+        .finish()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(FileEntry {
+        path: format!("trees/{name}"),
+        bytes,
+        records,
+        sha256,
+    })
+}
+
+fn read_tree(path: &Path, tree: &sled::Tree) -> anyhow::Result<u64> {
+    let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut records = 0;
+    let mut batch = sled::Batch::default();
+    let mut batched = 0;
+    loop {
+        let Some(key) = read_part(&mut input, true)? else {
+            break;
+        };
+        let value = read_part(&mut input, false)?.context("a record is cut short")?;
+        batch.insert(key, value);
+        batched += 1;
+        records += 1;
+        if batched == 4096 {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            batched = 0;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(records)
+}
+
+/// One length-prefixed part; `None` at a clean end of file where a record may begin.
+fn read_part(input: &mut impl Read, may_end: bool) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut length = [0u8; 4];
+    let mut read = 0;
+    while read < 4 {
+        let n = input.read(&mut length[read..])?;
+        if n == 0 {
+            if read == 0 && may_end {
+                return Ok(None);
+            }
+            bail!("a record is cut short");
+        }
+        read += n;
+    }
+    let length = u32::from_le_bytes(length);
+    if length > MAX_RECORD_BYTES {
+        bail!("a record of {length} bytes: not a file this build wrote");
+    }
+    let mut part = vec![0u8; length as usize];
+    input
+        .read_exact(&mut part)
+        .context("a record is cut short")?;
+    Ok(Some(part))
+}
+
+fn copy_file(from: &Path, to: &Path, relative: &str) -> anyhow::Result<FileEntry> {
+    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    let mut out = HashingWriter::create(to)?;
+    out.write(&bytes)?;
+    let (bytes, sha256) = out.finish()?;
+    Ok(FileEntry {
+        path: relative.to_owned(),
+        bytes,
+        records: 0,
+        sha256,
+    })
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<(u64, String)> {
+    let mut input = File::open(path)?;
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0;
+    loop {
+        let n = input.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buffer[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hex::encode(hash.finalize())))
+}
+
+fn write_manifest(to: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+    let temporary: PathBuf = to.join("manifest.json.partial");
+    let mut file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(&serde_json::to_vec_pretty(manifest)?)?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, to.join("manifest.json"))?;
+    crate::fsio::sync_dir(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Snapshots, Vaults};
+
+    #[test]
+    fn a_backup_restores_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::for_tests(&dir.path().join("data"));
+        store.create_vault(1).unwrap();
+        let to = dir.path().join("backup");
+        let manifest = store.backup_to(&to, &|| 7, 2).unwrap();
+        assert_eq!(manifest.counts.vaults, 1);
+        assert_eq!(manifest.tombstones_seq, 7);
+        let verified = verify(&to).unwrap();
+        restore_files(&to, &verified, &dir.path().join("restored")).unwrap();
+        let restored = sled::open(dir.path().join("restored/store")).unwrap();
+        assert_eq!(restored.open_tree("vaults").unwrap().len(), 1);
+
+        let keyring = to.join("keyring");
+        let mut bytes = std::fs::read(&keyring).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&keyring, bytes).unwrap();
+        let error = verify(&to).unwrap_err().to_string();
+        assert!(
+            error.contains("keyring") && error.contains("damaged"),
+            "{error}"
+        );
+
+        std::fs::remove_file(to.join("manifest.json")).unwrap();
+        let error = verify(&to).unwrap_err().to_string();
+        assert!(error.contains("no manifest.json"), "{error}");
+        let error = restore_files(&to, &manifest, &dir.path().join("restored"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not empty"), "{error}");
+    }
+}
