@@ -23,6 +23,8 @@ pub const MAX_GRACE_DAYS: u32 = 30;
 pub const MAX_KEYS_PER_VAULT: usize = 100;
 /// Most keys, or audit entries, one listing page returns.
 pub const MAX_KEYS_PAGE: usize = 1000;
+/// Longest `X-Request-ID` echoed; a longer one (or one with other characters) is replaced.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
 
 /// Most memories one search or export page returns.
 pub const MAX_PAGE: usize = 1000;

@@ -365,6 +365,8 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// One info line per request (`--access-log`).
+    pub access_log: bool,
 }
 
 /// The routes one listener serves: all of them (one listener), or, with `--admin-listen`, the
@@ -631,6 +633,7 @@ impl Flags {
                 header_timeout: Duration::from_millis(self.header_timeout_ms),
                 request_timeout: Duration::from_millis(self.request_timeout_ms),
                 shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+                access_log: self.access_log,
             },
             limits: Limits {
                 max_vault_memories: self.max_vault_memories,

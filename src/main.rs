@@ -1,7 +1,7 @@
 //! The `memory-sidecar` binary: flags -> Config -> tracing -> App -> serve -> close -> exit code;
 //! or one of the operator's subcommands (`memory_sidecar::cli`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,6 +56,7 @@ fn run_command(command: Command) -> ExitCode {
         .unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match cli::run(command) {
@@ -70,8 +71,10 @@ fn run_command(command: Command) -> ExitCode {
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log)
         .with_context(|| format!("invalid --log filter {:?}", config.log))?;
+    // Colours for a terminal only: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),

@@ -4,8 +4,8 @@
 //! (route, status class, mode); never a key, a vault, a memory or a raw path.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Cheap to clone: every collector is an `Arc` inside.
@@ -38,6 +38,10 @@ pub struct Metrics {
     pub index_loaded_memories: IntGauge,
     pub index_graphs_built: IntCounter,
     pub unreadable_hits: IntCounter,
+    /// The configured disk reserve (`--min-free-mb`), beside `disk_free_bytes` for alerts.
+    pub disk_reserve_bytes: IntGauge,
+    /// 1, labelled with the build's version and the loaded model's fingerprint (short).
+    pub build_info: IntGaugeVec,
 }
 
 const NAMESPACE: &str = "memory_sidecar";
@@ -154,6 +158,17 @@ impl Metrics {
                 "unreadable_hits_total",
                 "Memories a search ranked but whose record the store could not read (left out of the answer).",
             ))?,
+            disk_reserve_bytes: IntGauge::with_opts(opts(
+                "disk_reserve_bytes",
+                "Free bytes kept on the data directory's filesystem (--min-free-mb): below it new memories get 503 disk_full.",
+            ))?,
+            build_info: IntGaugeVec::new(
+                opts(
+                    "build_info",
+                    "1, labelled with the daemon's version and the loaded embedding model's fingerprint (first 12 hex digits).",
+                ),
+                &["version", "model"],
+            )?,
             index_loaded_memories: IntGauge::with_opts(opts(
                 "index_loaded_memories",
                 "Memories in the vault indexes held in memory (--max-loaded-memories bounds it).",
@@ -220,6 +235,10 @@ impl Metrics {
             Box::new(self.index_loaded_memories.clone()),
             Box::new(self.index_graphs_built.clone()),
             Box::new(self.unreadable_hits.clone()),
+            Box::new(self.disk_reserve_bytes.clone()),
+            Box::new(self.build_info.clone()),
+            // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for collector in collectors {
             self.registry.register(collector)?;

@@ -373,6 +373,7 @@ fn failed_authentications_reveal_nothing_are_throttled_and_never_logged() {
             "0.2",
             "--log",
             "debug",
+            "--access-log",
         ],
     );
     let minted = daemon.post_json("/v1/keys", Some(ADMIN_KEY), None, &json!({"name": "real"}));
@@ -423,6 +424,11 @@ fn failed_authentications_reveal_nothing_are_throttled_and_never_logged() {
     // Nothing presented, right or wrong, reached the log, even at debug level.
     let log = daemon.stderr();
     assert!(log.contains("DEBUG"), "the daemon logged at debug level");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("access") && l.contains("status=401") && l.contains("unknown_key")),
+        "the access log has the refusals:\n{log}"
+    );
     for credential in presented.iter().chain([&key]) {
         assert!(
             !log.contains(&credential[3..]),

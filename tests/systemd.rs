@@ -41,6 +41,43 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     );
 }
 
+/// `systemd-analyze security --offline=yes` rates the unit's exposure "OK" or better (the
+/// figure is in docs/operations.md).
+#[test]
+fn the_unit_file_is_rated_ok_or_better_by_systemd_analyze_security() {
+    let unit = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/memory-sidecar.service"
+    );
+    let Ok(output) = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager", unit])
+        .output()
+    else {
+        common::skip("systemd-analyze is not installed here; the unit was not rated");
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let overall = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no overall rating:\n{text}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    let score: f64 = overall
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {overall:?}"));
+    assert!(
+        score <= 3.9 && (overall.contains(" OK") || overall.contains(" SAFE")),
+        "{overall}"
+    );
+}
+
 /// `Type=notify`: the daemon tells the socket in `NOTIFY_SOCKET` `READY=1` once it is ready,
 /// `WATCHDOG=1` at half of `WATCHDOG_USEC`, and `STOPPING=1` when SIGTERM starts the drain.
 #[test]

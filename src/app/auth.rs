@@ -47,6 +47,7 @@ impl App {
     ) -> Result<Access, ApiError> {
         let credential = credential.ok_or(ApiError::MissingKey)?;
         if self.admin.matches(credential) {
+            crate::caller::note("admin", None);
             return Ok(Access::Admin);
         }
         if credential.starts_with(auth::KEY_PREFIX) {
@@ -71,6 +72,7 @@ impl App {
     ) -> Result<Access, ApiError> {
         let credential = credential.ok_or(ApiError::MissingKey)?;
         if self.admin.matches(credential) {
+            crate::caller::note("admin", None);
             return Ok(Access::Admin);
         }
         if credential.starts_with(auth::KEY_PREFIX)
@@ -112,6 +114,7 @@ impl App {
         let presented = PresentedKey::parse(credential)?;
         let app = self.clone();
         let access = blocking(move || app.verify_presented(presented, spend)).await?;
+        crate::caller::note(access.key_id.as_str(), Some(access.vault.to_string()));
         if spend == Spend::Yes {
             self.metrics
                 .key_mode

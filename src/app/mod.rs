@@ -168,6 +168,14 @@ impl App {
         };
         app.recover()?;
         app.check_embedding_model()?;
+        let model: String = app.embedder.fingerprint().chars().take(12).collect();
+        app.metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), &model])
+            .set(1);
+        app.metrics
+            .disk_reserve_bytes
+            .set(i64::try_from(app.config.limits.min_free_bytes).unwrap_or(i64::MAX));
         let (store, metrics) = (&app.store, &app.metrics);
         let vaults = store.vault_count();
         metrics.vaults.set(vaults as i64);

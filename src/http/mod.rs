@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -36,7 +37,8 @@ use self::response::error_response;
 use self::routes::dispatch;
 pub use self::routes::Route;
 use crate::app::App;
-use crate::bounds::MAX_HEAD_BYTES;
+use crate::bounds::{MAX_HEAD_BYTES, MAX_REQUEST_ID_CHARS};
+use crate::caller;
 pub use crate::config::HttpConfig;
 use crate::error::ApiError;
 
@@ -136,12 +138,28 @@ async fn handle(
         Route::Backup | Route::Check => LONG_OPERATION_TIMEOUT,
         _ => server.config.request_timeout,
     };
-    let outcome = match tokio::time::timeout(timeout, dispatch(&server, route, request)).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+    let request_id = request_id(request.headers());
+    let trace_id = trace_id(request.headers());
+    let method = request.method().clone();
+    let (outcome, caller) = caller::scope(async {
+        match tokio::time::timeout(timeout, dispatch(&server, route, request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+        }
+    })
+    .await;
+    let outcome =
+        outcome.map_err(|error| app.explain_store_failure(app.count_auth_failure(peer, error)));
+    let (mut response, error) = match outcome {
+        Ok(response) => (response, None),
+        Err(error) => {
+            let code = error.code();
+            (error_response(route, error), Some(code))
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
     }
-    .map_err(|error| app.explain_store_failure(app.count_auth_failure(peer, error)));
-    let response = outcome.unwrap_or_else(|error| error_response(route, error));
     let status_class = match response.status().as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -149,12 +167,30 @@ async fn handle(
         400..=499 => "4xx",
         _ => "5xx",
     };
-    tracing::debug!(
-        route = route.label(),
-        status = response.status().as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
+    if server.config.access_log {
+        tracing::info!(
+            target: "access",
+            route = route.label(),
+            method = %method,
+            status = response.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            key_id = caller.key_id.as_deref().unwrap_or("-"),
+            vault = caller.vault.as_deref().unwrap_or("-"),
+            peer = %peer,
+            request_id = %request_id,
+            trace_id = trace_id.as_deref().unwrap_or("-"),
+            error = error.unwrap_or("-"),
+            "request"
+        );
+    } else {
+        tracing::debug!(
+            route = route.label(),
+            status = response.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            request_id = %request_id,
+            "request"
+        );
+    }
     let metrics = &app.metrics;
     metrics
         .http_requests
@@ -165,6 +201,45 @@ async fn handle(
         .with_label_values(&[route.label()])
         .observe(started.elapsed().as_secs_f64());
     Ok(response)
+}
+
+/// The request's `X-Request-ID` when it is one (1 to 128 of letters, digits and `-_.:`), else
+/// a new one (16 hex digits). Echoed on the response, written in the access log.
+fn request_id(headers: &hyper::HeaderMap) -> String {
+    let given = headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            (1..=MAX_REQUEST_ID_CHARS).contains(&id.len())
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        });
+    match given {
+        Some(id) => id.to_owned(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if the request
+/// carries a valid one: the access log carries it into the caller's trace.
+fn trace_id(headers: &hyper::HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let hex = |text: &str, len: usize| {
+        text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let [version, trace, parent, flags] = parts.as_slice() else {
+        return None;
+    };
+    let valid = hex(version, 2)
+        && *version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then(|| (*trace).to_owned())
 }
 
 /// Counts a request in flight for as long as it lives.
