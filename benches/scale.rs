@@ -312,7 +312,6 @@ fn main() {
 
     // An online backup while a client keeps ingesting: how long writes wait (the manifest's
     // `writes_paused_ms`), what the client saw, and the backup's size.
-    let backup = dir.path().join("backup");
     let done = std::sync::atomic::AtomicBool::new(false);
     let waits = Mutex::new(Vec::new());
     let (answer, took) = std::thread::scope(|scope| {
@@ -334,15 +333,16 @@ fn main() {
             "/v1/admin/backup",
             Some(common::ADMIN_KEY),
             None,
-            &json!({"to": backup}),
+            &json!({"name": "scale"}),
         );
         let took = started.elapsed();
         std::thread::sleep(Duration::from_millis(500));
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         (answer, took)
     });
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.status, 201, "{}", answer.text());
     let manifest = answer.json();
+    let backup = Path::new(manifest["path"].as_str().expect("the backup's path")).to_owned();
     let mut waits = waits.into_inner().unwrap();
     waits.sort();
     println!(

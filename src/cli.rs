@@ -28,7 +28,7 @@ use crate::app::backup::restore;
 use crate::app::App;
 use crate::auth::AdminKey;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Flags, HttpConfig, Surface};
+use crate::config::{Config, Flags, HttpConfig, Listen, Surface};
 use crate::crypto::{Keyring, MasterKey};
 use crate::http::serve;
 use crate::metrics::Metrics;
@@ -577,8 +577,8 @@ struct Session {
     runtime: tokio::runtime::Runtime,
     /// The admin API, and the gateway's listener (the memory routes an export or import uses
     /// with a key of the vault): the same address unless the daemon has `--admin-listen`.
-    address: SocketAddr,
-    gateway: SocketAddr,
+    address: Endpoint,
+    gateway: Endpoint,
     admin_key: String,
     hosted: Option<Hosted>,
 }
@@ -614,7 +614,7 @@ impl Session {
             return Ok(Session {
                 runtime,
                 address,
-                gateway: loopback_if_unspecified(config.listen),
+                gateway: endpoint(&config.listen[0])?,
                 admin_key,
                 hosted: None,
             });
@@ -644,7 +644,7 @@ impl Session {
         let (address, server) = runtime.block_on(async {
             let listener =
                 tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-            let address = listener.local_addr()?;
+            let address = Endpoint::Tcp(listener.local_addr()?);
             let mut stopped = stopped;
             let until = async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
@@ -663,8 +663,8 @@ impl Session {
         }
         Ok(Session {
             runtime,
+            gateway: address.clone(),
             address,
-            gateway: address,
             admin_key,
             hosted: Some(Hosted { app, stop, server }),
         })
@@ -740,28 +740,32 @@ impl Session {
         credential: &str,
     ) -> anyhow::Result<Value> {
         let address = if credential == self.admin_key {
-            self.address
+            self.address.clone()
         } else {
-            self.gateway
+            self.gateway.clone()
+        };
+        let host = match &address {
+            Endpoint::Tcp(address) => address.to_string(),
+            Endpoint::Unix(_) => "localhost".to_owned(),
         };
         let request = Request::builder()
             .method(method.clone())
             .uri(path)
-            .header(hyper::header::HOST, address.to_string())
+            .header(hyper::header::HOST, host)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {credential}"))
             .header(hyper::header::CONTENT_TYPE, content_type)
             .body(Full::new(body))?;
-        let (status, bytes) = self.runtime.block_on(async move {
-            let stream = tokio::net::TcpStream::connect(address)
-                .await
-                .with_context(|| format!("connecting to the daemon's admin API at {address}"))?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
-            let response = sender.send_request(request).await?;
-            let status = response.status();
-            let bytes = response.into_body().collect().await?.to_bytes();
-            anyhow::Ok((status, bytes))
+        let (status, bytes) = self.runtime.block_on(async {
+            match &address {
+                Endpoint::Tcp(at) => {
+                    let stream = tokio::net::TcpStream::connect(at).await;
+                    exchange(stream.with_context(|| connecting(&address))?, request).await
+                }
+                Endpoint::Unix(at) => {
+                    let stream = tokio::net::UnixStream::connect(at).await;
+                    exchange(stream.with_context(|| connecting(&address))?, request).await
+                }
+            }
         })?;
         let value: Value = if bytes.is_empty() {
             Value::Null
@@ -816,33 +820,69 @@ impl Session {
     }
 }
 
-/// The admin API's address: `--admin-url`, else the admin listener, else the listener (an
-/// unspecified address means this host's loopback).
-fn admin_address(url: Option<&str>, config: &Config) -> anyhow::Result<SocketAddr> {
-    if let Some(url) = url {
-        let rest = url.strip_prefix("http://").with_context(|| {
-            format!(
-                "--admin-url must be http://host:port (a loopback or private address), got {url:?}"
-            )
-        })?;
-        let authority = rest.trim_end_matches('/');
-        return authority
-            .to_socket_addrs()
-            .with_context(|| format!("resolving --admin-url {url:?}"))?
-            .next()
-            .with_context(|| format!("--admin-url {url:?} resolves to no address"));
-    }
-    Ok(loopback_if_unspecified(
-        config.admin_listen.unwrap_or(config.listen),
-    ))
+/// Where a command reaches the daemon.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
 }
 
-/// A listener on every address is reached on this host's loopback.
-fn loopback_if_unspecified(mut address: SocketAddr) -> SocketAddr {
-    if address.ip().is_unspecified() {
-        address.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(address) => write!(f, "http://{address}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
     }
-    address
+}
+
+fn connecting(endpoint: &Endpoint) -> String {
+    format!("connecting to the daemon's API at {endpoint}")
+}
+
+/// One request and its answer over a fresh connection.
+async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Bytes)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
+}
+
+/// The admin API's endpoint: `--admin-url` (`http://host:port` or `unix:/path`), else the first
+/// admin listener, else the first listener.
+fn admin_address(url: Option<&str>, config: &Config) -> anyhow::Result<Endpoint> {
+    if let Some(url) = url {
+        let listen: Listen = match url.strip_prefix("http://") {
+            Some(rest) => rest.trim_end_matches('/').parse(),
+            None => url.parse(),
+        }
+        .map_err(|error| anyhow::anyhow!("--admin-url: {error}"))?;
+        return endpoint(&listen);
+    }
+    endpoint(config.admin_listen.first().unwrap_or(&config.listen[0]))
+}
+
+/// Where to connect for a listener (one on every address is reached on this host's loopback).
+fn endpoint(listen: &Listen) -> anyhow::Result<Endpoint> {
+    match listen {
+        Listen::Unix(path) => Ok(Endpoint::Unix(path.clone())),
+        Listen::Tcp(text) => {
+            let mut address = text
+                .to_socket_addrs()
+                .with_context(|| format!("resolving {text}"))?
+                .next()
+                .with_context(|| format!("{text} resolves to no address"))?;
+            if address.ip().is_unspecified() {
+                address.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            }
+            Ok(Endpoint::Tcp(address))
+        }
+    }
 }
 
 /// The running daemon's admin key: `MEMORY_SIDECAR_ADMIN_KEY`, else `<data-dir>/admin.key`.

@@ -29,6 +29,71 @@ pub enum GraphOptimization {
     All,
 }
 
+/// One listener: a TCP address (or hostname) and port, or a unix socket file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// `host:port`, as given (resolved when bound).
+    Tcp(String),
+    /// `unix:/absolute/path`.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Listen, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "a unix socket needs an absolute path: unix:/run/..., got {text:?}"
+                ));
+            }
+            return Ok(Listen::Unix(path));
+        }
+        if text.parse::<SocketAddr>().is_ok() {
+            return Ok(Listen::Tcp(text.to_owned()));
+        }
+        let fine = text.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        });
+        if fine {
+            Ok(Listen::Tcp(text.to_owned()))
+        } else {
+            Err(format!(
+                "expected host:port (127.0.0.1:8080, [::1]:8080, localhost:8080) or unix:/path, got {text:?}"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(address) => write!(f, "{address}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// How `unix:` listeners' socket files are made.
+#[derive(Clone, Debug)]
+pub struct UnixSocket {
+    pub mode: u32,
+    pub group: Option<String>,
+}
+
+fn parse_mode(text: &str) -> anyhow::Result<u32> {
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => bail!("--unix-socket-mode must be octal permissions such as 660, got {text:?}"),
+    }
+}
+
 /// The raw command line, as clap sees it. Validated into [`Config`] by [`Flags::validate`].
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -37,14 +102,28 @@ pub enum GraphOptimization {
     about = "Retrieval-only memory sidecar for LLM gateways"
 )]
 pub struct Flags {
-    /// Address to listen on (use port 0 for any free port).
-    #[arg(long, env = "MEMORY_SIDECAR_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// A second address for the operator's routes: when set, key management, vault removal,
-    /// the audit log and /metrics are served there and answer 404 on --listen, which then
-    /// carries prepare, ingest and the memory routes alone (health on both).
-    #[arg(long, env = "MEMORY_SIDECAR_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
+    /// Where to listen: `host:port` (an address or a hostname, every address it resolves to;
+    /// port 0 for any free port) or `unix:/path` (a socket file, --unix-socket-mode and
+    /// --unix-socket-group). Several, comma-separated or repeated.
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<Listen>,
+    /// Where to serve the operator's routes, as --listen: when set, key management, vaults,
+    /// the audit log, backup, check and /metrics are served there and answer 404 on --listen,
+    /// which then carries prepare, ingest and the memory routes alone (health on both).
+    #[arg(long, env = "MEMORY_SIDECAR_ADMIN_LISTEN", value_delimiter = ',')]
+    pub admin_listen: Vec<Listen>,
+    /// The permissions of a `unix:` listener's socket file (octal), e.g. 660 for the owner and
+    /// the group.
+    #[arg(long, env = "MEMORY_SIDECAR_UNIX_SOCKET_MODE", default_value = "660")]
+    pub unix_socket_mode: String,
+    /// The group (name or number) given a `unix:` listener's socket file, e.g. the gateway's.
+    #[arg(long, env = "MEMORY_SIDECAR_UNIX_SOCKET_GROUP")]
+    pub unix_socket_group: Option<String>,
     /// Directory for the store and the generated admin key.
     #[arg(long, env = "MEMORY_SIDECAR_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -332,8 +411,9 @@ pub struct Flags {
 /// master key by `crypto`).
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub admin_listen: Option<SocketAddr>,
+    pub listen: Vec<Listen>,
+    pub admin_listen: Vec<Listen>,
+    pub unix_socket: UnixSocket,
     pub data_dir: PathBuf,
     pub master_key_file: PathBuf,
     pub tombstone_log: PathBuf,
@@ -609,6 +689,10 @@ impl Flags {
             );
         }
         Ok(Config {
+            unix_socket: UnixSocket {
+                mode: parse_mode(&self.unix_socket_mode)?,
+                group: self.unix_socket_group,
+            },
             listen: self.listen,
             admin_listen: self.admin_listen,
             master_key_file: self
@@ -700,8 +784,30 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.listen, [Listen::Tcp("127.0.0.1:8080".into())]);
         assert!(config.limits.max_limit >= 50);
+    }
+
+    #[test]
+    fn listeners_are_lists_of_addresses_hostnames_and_sockets() {
+        let config = parse(&[
+            "--listen",
+            "127.0.0.1:0,[::1]:8080,localhost:9000,unix:/run/m/gw.sock",
+            "--admin-listen",
+            "unix:/run/m/admin.sock",
+            "--unix-socket-mode",
+            "640",
+        ])
+        .unwrap();
+        assert_eq!(config.listen.len(), 4);
+        assert_eq!(config.listen[3], Listen::Unix("/run/m/gw.sock".into()));
+        assert_eq!(config.unix_socket.mode, 0o640);
+        for bad in ["unix:relative.sock", "localhost", "host name:80", "1.2.3.4:99999"] {
+            let error = parse(&["--listen", bad]).expect_err(bad).to_string();
+            assert!(error.contains("--listen"), "{bad}: {error}");
+        }
+        let error = parse(&["--unix-socket-mode", "999"]).unwrap_err().to_string();
+        assert!(error.contains("--unix-socket-mode"), "{error}");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! or one of the operator's subcommands (`memory_sidecar::cli`).
 
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +12,11 @@ use memory_sidecar::app::{App, EXIT_STORAGE_FAILED};
 use memory_sidecar::auth::AdminKey;
 use memory_sidecar::cli::{self, Cli, Command};
 use memory_sidecar::clock::SystemClock;
-use memory_sidecar::config::{Config, HttpConfig, LogFormat, Surface};
+use memory_sidecar::config::{Config, HttpConfig, Listen, LogFormat, Surface, UnixSocket};
 use memory_sidecar::crypto::MasterKey;
-use memory_sidecar::http::serve;
+use memory_sidecar::http::{serve, Listener};
 use memory_sidecar::metrics::Metrics;
 use memory_sidecar::notify;
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -83,19 +81,27 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds a listener, logs `message` with its address, and prints `line` and the address on
-/// stdout, for scripts and tests that asked for port 0. A closed stdout is no reason to stop:
-/// the log says the same.
-async fn bind(address: SocketAddr, message: &str, line: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding {address}"))?;
-    let address = listener.local_addr()?;
-    tracing::info!(%address, "{message}");
-    if let Err(error) = writeln!(std::io::stdout().lock(), "{line} http://{address}") {
-        tracing::warn!(%error, "could not write the listening address to stdout");
+/// Binds every listener of a list, logs each, and prints `line` and each address on stdout,
+/// for scripts and tests that asked for port 0. A closed stdout is no reason to stop: the log
+/// says the same.
+async fn bind(
+    listens: &[Listen],
+    unix: &UnixSocket,
+    message: &str,
+    line: &str,
+) -> anyhow::Result<Vec<Listener>> {
+    let mut bound = Vec::new();
+    for listen in listens {
+        for listener in Listener::bind(listen, unix).await? {
+            let address = listener.describe();
+            tracing::info!(%address, "{message}");
+            if let Err(error) = writeln!(std::io::stdout().lock(), "{line} {address}") {
+                tracing::warn!(%error, "could not write the listening address to stdout");
+            }
+            bound.push(listener);
+        }
     }
-    Ok(listener)
+    Ok(bound)
 }
 
 /// Why serving ended.
@@ -118,7 +124,12 @@ fn run(config: Config) -> anyhow::Result<Stopped> {
         .thread_name("http")
         .build()
         .context("starting the async runtime")?;
-    let (listen, admin_listen, http) = (config.listen, config.admin_listen, config.http.clone());
+    let (listen, admin_listen, unix, http) = (
+        config.listen.clone(),
+        config.admin_listen.clone(),
+        config.unix_socket.clone(),
+        config.http.clone(),
+    );
     let app = App::open(
         config,
         admin,
@@ -127,13 +138,14 @@ fn run(config: Config) -> anyhow::Result<Stopped> {
         Arc::new(SystemClock),
     )?;
     let served = runtime.block_on(async {
-        let listener = bind(listen, "listening", "memory-sidecar listening on").await?;
-        let admin_listener = match admin_listen {
-            Some(address) => Some(
-                bind(address, "admin listening", "memory-sidecar admin listening on").await?,
-            ),
-            None => None,
-        };
+        let listeners = bind(&listen, &unix, "listening", "memory-sidecar listening on").await?;
+        let admin_listeners = bind(
+            &admin_listen,
+            &unix,
+            "admin listening",
+            "memory-sidecar admin listening on",
+        )
+        .await?;
         app.start()?;
         if let Some(every) = notify::watchdog_interval() {
             tokio::spawn(watchdog(every));
@@ -155,30 +167,32 @@ fn run(config: Config) -> anyhow::Result<Stopped> {
         };
         tokio::spawn(why);
         let gateway = HttpConfig {
-            surface: match admin_listener {
-                Some(_) => Surface::Gateway,
-                None => Surface::All,
+            surface: if admin_listeners.is_empty() {
+                Surface::All
+            } else {
+                Surface::Gateway
             },
             ..http.clone()
         };
-        let main = serve(app.clone(), listener, gateway, until_stopped(stopped.clone()));
-        match admin_listener {
-            Some(admin_listener) => {
-                let admin = HttpConfig {
-                    surface: Surface::Admin,
-                    ..http
-                };
-                let admin = serve(
-                    app.clone(),
-                    admin_listener,
-                    admin,
-                    until_stopped(stopped.clone()),
-                );
-                let (main, admin) = tokio::join!(main, admin);
-                main?;
-                admin?;
-            }
-            None => main.await?,
+        let admin = HttpConfig {
+            surface: Surface::Admin,
+            ..http
+        };
+        let mut served = tokio::task::JoinSet::new();
+        for (listener, config) in listeners
+            .into_iter()
+            .map(|l| (l, gateway.clone()))
+            .chain(admin_listeners.into_iter().map(|l| (l, admin.clone())))
+        {
+            served.spawn(serve(
+                app.clone(),
+                listener,
+                config,
+                until_stopped(stopped.clone()),
+            ));
+        }
+        while let Some(result) = served.join_next().await {
+            result.context("a listener's task")??;
         }
         let why = stopped.borrow().unwrap_or(Stopped::Cleanly);
         anyhow::Ok(why)

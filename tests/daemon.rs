@@ -3,6 +3,7 @@
 mod common;
 
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -1164,5 +1165,104 @@ fn a_closed_stdout_is_said_in_the_log_and_the_daemon_serves_on() {
             .contains("could not write the listening address to stdout"),
         "{}",
         daemon.stderr()
+    );
+}
+
+/// One HTTP/1.1 request over a unix socket; the status and the body.
+fn unix_request(path: &Path, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connecting");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// `--listen` and `--admin-listen` take several listeners, hostnames and `unix:` sockets (made
+/// with the configured mode, a stale one replaced, removed at shutdown); the command line
+/// reaches the admin API over its socket.
+#[test]
+fn the_daemon_listens_on_unix_sockets_hostnames_and_several_addresses() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = dir.path().join("run");
+    std::fs::create_dir_all(&sockets).unwrap();
+    let gateway = sockets.join("gateway.sock");
+    let admin = sockets.join("admin.sock");
+    // A stale socket from a killed run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&admin).unwrap());
+    let listen = format!("127.0.0.1:0,unix:{},localhost:0", gateway.display());
+    let admin_listen = format!("unix:{}", admin.display());
+    let mut daemon = Daemon::start(
+        &dir.path().join("data"),
+        &[
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin_listen,
+            "--unix-socket-mode",
+            "600",
+        ],
+    );
+    for socket in [&gateway, &admin] {
+        let mode = std::fs::metadata(socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", socket.display());
+    }
+    let (status, _) = unix_request(
+        &gateway,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    // The gateway's socket does not serve the operator's routes; the admin socket does.
+    let keys = format!(
+        "GET /v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(unix_request(&gateway, &keys).0, 404);
+    let mint = format!(
+        "POST /v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let (status, body) = unix_request(&admin, &mint);
+    assert_eq!(status, 201, "{body}");
+    let key: Value = serde_json::from_str(&body).unwrap();
+    let key = key["key"].as_str().unwrap();
+    // Memory routes over the gateway's socket and its TCP address alike.
+    daemon.ingest(
+        key,
+        None,
+        json!([{"role": "user", "content": "I sail a dinghy"}]),
+    );
+    let log = daemon.stderr();
+    let hostname_bound = log.matches("listening").count();
+    assert!(
+        hostname_bound >= 4,
+        "127.0.0.1, the socket, localhost and the admin socket:\n{log}"
+    );
+    // The command line reaches the admin API over the socket.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_memory-sidecar"))
+        .env("MEMORY_SIDECAR_ADMIN_KEY", ADMIN_KEY)
+        .env("MEMORY_SIDECAR_MASTER_KEY", common::MASTER_KEY)
+        .args(["vaults", "list", "--json", "--admin-url", &admin_listen])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let vaults: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(vaults[0]["memories"], 1, "{vaults}");
+    daemon.sigterm();
+    assert!(daemon.wait_exit().success());
+    assert!(
+        !gateway.exists() && !admin.exists(),
+        "socket files are removed at shutdown"
     );
 }

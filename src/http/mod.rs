@@ -8,6 +8,7 @@
 //! stops accepting, lets in-flight requests finish within a deadline, and answers any request
 //! that arrives meanwhile with 503 `shutting_down`.
 
+mod listener;
 mod mcp;
 mod request;
 mod response;
@@ -29,9 +30,9 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use self::listener::Listener;
 pub use self::request::{credential, session_id};
 use self::response::error_response;
 use self::routes::dispatch;
@@ -53,10 +54,11 @@ struct Server {
 /// in-flight requests within the configured deadline. Tests call this too.
 pub async fn serve(
     app: Arc<App>,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     config: HttpConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let listener = listener.into();
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let server = Arc::new(Server {
         inflight: Semaphore::new(config.max_inflight),
@@ -89,9 +91,8 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
         let service_server = server.clone();
-        let service = service_fn(move |request| handle(service_server.clone(), peer.ip(), request));
+        let service = service_fn(move |request| handle(service_server.clone(), peer, request));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         let gauge = app.metrics.http_connections.clone();
         gauge.inc();
