@@ -802,11 +802,18 @@ mod tests {
         assert_eq!(config.listen.len(), 4);
         assert_eq!(config.listen[3], Listen::Unix("/run/m/gw.sock".into()));
         assert_eq!(config.unix_socket.mode, 0o640);
-        for bad in ["unix:relative.sock", "localhost", "host name:80", "1.2.3.4:99999"] {
+        for bad in [
+            "unix:relative.sock",
+            "localhost",
+            "host name:80",
+            "1.2.3.4:99999",
+        ] {
             let error = parse(&["--listen", bad]).expect_err(bad).to_string();
             assert!(error.contains("--listen"), "{bad}: {error}");
         }
-        let error = parse(&["--unix-socket-mode", "999"]).unwrap_err().to_string();
+        let error = parse(&["--unix-socket-mode", "999"])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("--unix-socket-mode"), "{error}");
     }
 

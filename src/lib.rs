@@ -8,7 +8,7 @@
 //!
 //! # Layers
 //!
-//! `bounds, ids, vector, clock, fsio, metrics, notify, tombstones, caller -> config, throttle, error -> auth, crypto
+//! `bounds, ids, vector, clock, fsio, metrics, notify, caller -> config, throttle, error, tombstones -> auth, crypto
 //! -> store -> embed, index -> app -> http -> cli` (then `main.rs`). A module imports only from layers to its
 //! left; `tests/layers.rs` reads every `crate::` path in `src/` and fails on one that points
 //! right, or at a module missing from this line.

@@ -393,10 +393,26 @@ fn the_command_line_works_on_a_stopped_data_directory_and_rewraps_the_master_key
     let second = minted["key"].as_str().unwrap().to_owned();
     let listed = json_of(&run(&["keys", "list", "--json"], &[]));
     assert_eq!(listed.as_array().unwrap().len(), 2);
+    let human = run(&["keys", "list"], &[]);
+    assert!(
+        human.ok && human.stdout.starts_with("id\tvault_id\tstatus"),
+        "{}",
+        human.stdout
+    );
     assert!(
         !listed.to_string().contains(&second),
         "never a secret in a list"
     );
+    let second_id = minted["key_info"]["id"].as_str().unwrap().to_owned();
+    let shown = json_of(&run(&["keys", "show", &second_id, "--json"], &[]));
+    assert_eq!(shown["name"], "second");
+    assert_eq!(shown["status"], "active");
+    let rotated = json_of(&run(&["keys", "rotate", &second_id, "--json"], &[]));
+    let second = rotated["key"].as_str().unwrap().to_owned();
+    let shown = json_of(&run(&["keys", "show", &second_id, "--json"], &[]));
+    assert_ne!(shown["status"], "active", "{shown}");
+    let revoked = json_of(&run(&["keys", "revoke", &second_id, "--json"], &[]));
+    assert_eq!(revoked["revoked"], second_id.as_str());
     let vaults = json_of(&run(&["vaults", "list", "--json"], &[]));
     assert_eq!(vaults.as_array().unwrap().len(), 2);
     let export = dir.path().join("export.jsonl");

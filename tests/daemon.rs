@@ -694,7 +694,10 @@ fn check_exposition_format(text: &str) {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "{line}"
         );
-        assert!(name.starts_with("memory_sidecar_"), "{line}");
+        assert!(
+            name.starts_with("memory_sidecar_") || name.starts_with("process_"),
+            "{line}"
+        );
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|suffix| {

@@ -234,7 +234,9 @@ impl Daemon {
                         if event["message"] != "listening" {
                             return None;
                         }
-                        event["address"].as_str()?.parse::<SocketAddr>().ok()
+                        let address = event["address"].as_str()?;
+                        let address = address.strip_prefix("http://").unwrap_or(address);
+                        address.parse::<SocketAddr>().ok()
                     });
                     if let Some(addr) = listening {
                         break addr;
