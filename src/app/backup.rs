@@ -81,8 +81,8 @@ pub struct Taken {
 
 impl App {
     /// Takes a backup into `<--backup-dir>/<name>` (a new directory; the name defaults to
-    /// the time) while serving: writes pause for the copy (`writes_paused_ms` in the
-    /// manifest), reads go on.
+    /// the time) while serving: writes pause only while the copy is made consistent
+    /// (`writes_paused_ms` in the manifest), reads go on.
     pub async fn backup(
         self: &Arc<Self>,
         access: &Access,

@@ -1,32 +1,40 @@
 //! Backups of the embedded backend: a consistent copy of every durable tree and of the
 //! keyring, taken while the daemon serves, and the restore of one into an empty data directory.
 //!
-//! A backup is a directory: one file per sled tree (`trees/<name>`, records as
-//! `u32 key length, key, u32 value length, value`, little-endian), `keyring` (the wrapped data
-//! keys, byte for byte) and `manifest.json`, written last, which names every file with its size,
-//! record count and sha256. A directory without a manifest, or whose files do not match it, is
-//! not a backup and is refused. Everything in it is as sealed as in the store (no memory text,
-//! no data key, no key secret in the clear): it is useless without the master key.
+//! A backup is a directory: one file per sled tree (`trees/<name>`, records as `u8` kind (1 an
+//! insert, 0 a removal), `u32` key length, key, and for an insert `u32` value length, value;
+//! little-endian, applied in order), `keyring` (the wrapped data keys, byte for byte) and
+//! `manifest.json`, written last, which names every file with its size, record count and
+//! sha256. A directory without a manifest, or whose files do not match it, is not a backup and
+//! is refused. Everything in it is as sealed as in the store (no memory text, no data key, no
+//! key secret in the clear): it is useless without the master key.
 //!
-//! Consistency: the copy is taken with writes held ([`SledStore::hold_writes`] is the other
-//! side): every write method of the backend takes the gate shared, the backup takes it
-//! exclusively, so it sees each write whole or not at all, in every tree and the keyring at
-//! once. Reads go on meanwhile; writes wait for the length of the copy (the manifest says how
-//! long: `writes_paused_ms`).
+//! Consistency, with writes paused for a moment only: every write method of the backend holds
+//! a gate shared ([`Snapshots::hold_writes`] lets the app hold it across a tombstone and its
+//! change). The backup first subscribes to every tree's changes (sled's `watch_prefix`), then
+//! copies each tree while writes go on, then takes the gate exclusively: every write has
+//! returned and its change is gathered; the keyring and the tombstone journal's place are read;
+//! the gate is released. Each tree's file is its copy followed by the changes since the
+//! subscription, in order, so applied in order it is the tree at the moment the gate was held,
+//! with every write whole or absent. The manifest says how long writes waited
+//! (`writes_paused_ms`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ledger::Ledger;
-use super::sled::{commit_seq, SledStore, WriteHold};
+use super::sled::{commit_seq, SledStore, WriteHold, COMMIT_SEQ};
 
 /// What `manifest.json` says `format` is.
 pub const FORMAT: &str = "memory-sidecar-backup";
@@ -97,9 +105,9 @@ pub trait Snapshots {
     fn hold_writes(&self) -> WriteHold<'_>;
 
     /// Writes a consistent copy of the store and the keyring into `to` (created; must not
-    /// exist or be empty), with writes held while the trees are read. `tombstones_seq` is read
-    /// with writes held, so that the journal's entries up to it are in the copy and the later
-    /// ones are not.
+    /// exist or be empty), as of a moment when writes are held (briefly: see the module).
+    /// `tombstones_seq` is read at that moment, so that the journal's entries up to it are in
+    /// the copy and the later ones are not.
     fn backup_to(
         &self,
         to: &Path,
@@ -122,48 +130,80 @@ impl Snapshots for SledStore {
         now_ms: i64,
     ) -> anyhow::Result<Manifest> {
         prepare_empty_dir(to)?;
+        let trees_dir = to.join("trees");
         std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(to.join("trees"))
-            .with_context(|| format!("creating {}", to.join("trees").display()))?;
-        let mut files = Vec::new();
-        let mut counts = Counts::default();
-        let (paused, commit_seq, schema, tombstones) = {
-            let started = Instant::now();
+            .create(&trees_dir)
+            .with_context(|| format!("creating {}", trees_dir.display()))?;
+        let trees = TREES
+            .iter()
+            .map(|name| Ok((*name, self.db.open_tree(name)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // 1. Every write from here on is an event, gathered as it happens (sled blocks a writer
+        //    once a subscriber is 1,024 events behind, so they are drained all along).
+        let stop = Arc::new(AtomicBool::new(false));
+        let watchers: Vec<_> = trees
+            .iter()
+            .map(|(name, tree)| {
+                let subscriber = tree.watch_prefix(vec![]);
+                let stop = stop.clone();
+                std::thread::Builder::new()
+                    .name(format!("backup-{name}"))
+                    .spawn(move || gather(subscriber, &stop))
+            })
+            .collect::<std::io::Result<_>>()?;
+        // 2. A copy of every tree while writes go on: each key as it was at some moment since.
+        let mut copies = Vec::new();
+        for (name, tree) in &trees {
+            let counted = COUNTED.contains(name);
+            copies.push(copy_tree(tree, &trees_dir.join(name), counted)?);
+        }
+        // 3. With writes held: the events up to this moment, the keyring, the journal's place.
+        //    Every write holds the gate shared, so once it is ours every write has returned,
+        //    and its event is gathered.
+        let held = Instant::now();
+        let (events, tombstones, commit_seq, schema, keyring) = {
             let _held = self.gate.write();
-            let tombstones = tombstones_seq();
-            let meta = self.db.open_tree("meta")?;
-            let commit_seq = commit_seq(&meta)?;
+            stop.store(true, Ordering::SeqCst);
+            let events = watchers
+                .into_iter()
+                .map(|watcher| watcher.join().expect("a backup watcher panicked"))
+                .collect::<Vec<_>>();
+            let meta = &trees[0].1;
             let schema = meta
                 .get("schema")?
                 .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
                 .unwrap_or_default();
-            for name in TREES {
-                let tree = self.db.open_tree(name)?;
-                let entry = write_tree(&tree, &to.join("trees").join(name), name)?;
-                match name {
-                    "vaults" => counts.vaults = entry.records,
-                    "keys" => counts.keys = entry.records,
-                    "memories" => counts.memories = entry.records,
-                    "vectors" => counts.vectors = entry.records,
-                    "pending" => counts.pending = entry.records,
-                    _ => {}
-                }
-                files.push(entry);
-            }
-            files.push(copy_file(
-                self.keyring.path(),
-                &to.join("keyring"),
-                "keyring",
-            )?);
-            (
-                started.elapsed().as_millis() as u64,
-                commit_seq,
-                schema,
-                tombstones,
-            )
+            let keyring = std::fs::read(self.keyring.path())
+                .with_context(|| format!("reading {}", self.keyring.path().display()))?;
+            (events, tombstones_seq(), commit_seq(meta)?, schema, keyring)
         };
-        crate::fsio::sync_dir(&to.join("trees"))?;
+        let paused = held.elapsed().as_millis() as u64;
+        // 4. The copy, brought to that moment: each tree's events after its records.
+        let mut files = Vec::new();
+        let mut counts = Counts::default();
+        for (((name, _), copy), events) in trees.iter().zip(copies).zip(events) {
+            let (entry, count) = copy.finish(name, &events)?;
+            match *name {
+                "vaults" => counts.vaults = count,
+                "keys" => counts.keys = count,
+                "memories" => counts.memories = count,
+                "vectors" => counts.vectors = count,
+                "pending" => counts.pending = count,
+                _ => {}
+            }
+            files.push(entry);
+        }
+        let mut out = HashingWriter::create(&to.join("keyring"))?;
+        out.write(&keyring)?;
+        let (bytes, sha256) = out.finish()?;
+        files.push(FileEntry {
+            path: "keyring".to_owned(),
+            bytes,
+            records: 0,
+            sha256,
+        });
+        crate::fsio::sync_dir(&trees_dir)?;
         let manifest = Manifest {
             format: FORMAT.to_owned(),
             version: FORMAT_VERSION,
@@ -178,6 +218,106 @@ impl Snapshots for SledStore {
         };
         write_manifest(to, &manifest)?;
         Ok(manifest)
+    }
+}
+
+/// The trees whose sizes the manifest gives.
+const COUNTED: [&str; 5] = ["vaults", "keys", "memories", "vectors", "pending"];
+
+/// Gathers a tree's events until told to stop and none is left.
+fn gather(mut subscriber: sled::Subscriber, stop: &AtomicBool) -> Vec<sled::Event> {
+    let mut events = Vec::new();
+    loop {
+        let wait = if stop.load(Ordering::SeqCst) {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(20)
+        };
+        match subscriber.next_timeout(wait) {
+            Ok(event) => events.push(event),
+            Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::SeqCst) => {}
+            Err(_) => return events,
+        }
+    }
+}
+
+/// A tree's file being written: its records so far, and (for a counted tree) a hash of each
+/// key, to count what the events change.
+struct TreeCopy {
+    out: HashingWriter,
+    records: u64,
+    keys: Option<Vec<u64>>,
+}
+
+fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+}
+
+fn copy_tree(tree: &sled::Tree, path: &Path, counted: bool) -> anyhow::Result<TreeCopy> {
+    let mut copy = TreeCopy {
+        out: HashingWriter::create(path)?,
+        records: 0,
+        keys: counted.then(Vec::new),
+    };
+    for entry in tree.iter() {
+        let (key, value) = entry.with_context(|| format!("reading {}", path.display()))?;
+        copy.record(&key, Some(&value))?;
+        if let Some(keys) = &mut copy.keys {
+            keys.push(key_hash(&key));
+        }
+    }
+    Ok(copy)
+}
+
+impl TreeCopy {
+    /// One record: an insert (`1`, key, value) or a removal (`0`, key).
+    fn record(&mut self, key: &[u8], value: Option<&[u8]>) -> anyhow::Result<()> {
+        self.out.write(&[u8::from(value.is_some())])?;
+        self.out.write(&(key.len() as u32).to_le_bytes())?;
+        self.out.write(key)?;
+        if let Some(value) = value {
+            self.out.write(&(value.len() as u32).to_le_bytes())?;
+            self.out.write(value)?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Appends the events, fsyncs; the file's entry and the tree's size at the held moment.
+    fn finish(mut self, name: &str, events: &[sled::Event]) -> anyhow::Result<(FileEntry, u64)> {
+        let copied = self.keys.as_ref().map_or(0, Vec::len) as i64;
+        // The last event of each key says whether it is there at the end.
+        let mut last: std::collections::HashMap<&[u8], bool> = std::collections::HashMap::new();
+        for event in events {
+            match event {
+                sled::Event::Insert { key, value } => {
+                    self.record(key, Some(value))?;
+                    last.insert(key.as_ref(), true);
+                }
+                sled::Event::Remove { key } => {
+                    self.record(key, None)?;
+                    last.insert(key.as_ref(), false);
+                }
+            }
+        }
+        let mut count = copied;
+        if let Some(keys) = &mut self.keys {
+            keys.sort_unstable();
+            for (key, present) in last {
+                let was = keys.binary_search(&key_hash(key)).is_ok();
+                count += i64::from(present) - i64::from(was);
+            }
+        }
+        let records = self.records;
+        let (bytes, sha256) = self.out.finish()?;
+        let entry = FileEntry {
+            path: format!("trees/{name}"),
+            bytes,
+            records,
+            sha256,
+        };
+        Ok((entry, count.max(0) as u64))
     }
 }
 
@@ -274,6 +414,10 @@ pub fn restore_files(from: &Path, manifest: &Manifest, data_dir: &Path) -> anyho
             );
         }
     }
+    // The commit the backup was taken at, whatever the copy of `meta` says (the commit thread
+    // writes it without the gate).
+    db.open_tree("meta")?
+        .insert(COMMIT_SEQ, &manifest.commit_seq.to_be_bytes())?;
     db.flush().context("flushing the restored store")?;
     File::open(store_dir.join("db"))?
         .sync_all()
@@ -343,39 +487,22 @@ impl HashingWriter {
     }
 }
 
-fn write_tree(tree: &sled::Tree, path: &Path, name: &str) -> anyhow::Result<FileEntry> {
-    let mut out = HashingWriter::create(path)?;
-    let mut records = 0;
-    for entry in tree.iter() {
-        let (key, value) = entry.with_context(|| format!("reading the store's {name} tree"))?;
-        for part in [key.as_ref(), value.as_ref()] {
-            out.write(&(part.len() as u32).to_le_bytes())?;
-            out.write(part)?;
-        }
-        records += 1;
-    }
-    let (bytes, sha256) = out
-        .finish()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(FileEntry {
-        path: format!("trees/{name}"),
-        bytes,
-        records,
-        sha256,
-    })
-}
-
 fn read_tree(path: &Path, tree: &sled::Tree) -> anyhow::Result<u64> {
     let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut records = 0;
     let mut batch = sled::Batch::default();
     let mut batched = 0;
     loop {
-        let Some(key) = read_part(&mut input, true)? else {
+        let mut op = [0u8; 1];
+        if input.read(&mut op)? == 0 {
             break;
-        };
-        let value = read_part(&mut input, false)?.context("a record is cut short")?;
-        batch.insert(key, value);
+        }
+        let key = read_part(&mut input)?;
+        match op[0] {
+            1 => batch.insert(key, read_part(&mut input)?),
+            0 => batch.remove(key),
+            other => bail!("a record of kind {other}: not a file this build wrote"),
+        }
         batched += 1;
         records += 1;
         if batched == 4096 {
@@ -387,20 +514,12 @@ fn read_tree(path: &Path, tree: &sled::Tree) -> anyhow::Result<u64> {
     Ok(records)
 }
 
-/// One length-prefixed part; `None` at a clean end of file where a record may begin.
-fn read_part(input: &mut impl Read, may_end: bool) -> anyhow::Result<Option<Vec<u8>>> {
+/// One length-prefixed part.
+fn read_part(input: &mut impl Read) -> anyhow::Result<Vec<u8>> {
     let mut length = [0u8; 4];
-    let mut read = 0;
-    while read < 4 {
-        let n = input.read(&mut length[read..])?;
-        if n == 0 {
-            if read == 0 && may_end {
-                return Ok(None);
-            }
-            bail!("a record is cut short");
-        }
-        read += n;
-    }
+    input
+        .read_exact(&mut length)
+        .context("a record is cut short")?;
     let length = u32::from_le_bytes(length);
     if length > MAX_RECORD_BYTES {
         bail!("a record of {length} bytes: not a file this build wrote");
@@ -409,7 +528,7 @@ fn read_part(input: &mut impl Read, may_end: bool) -> anyhow::Result<Option<Vec<
     input
         .read_exact(&mut part)
         .context("a record is cut short")?;
-    Ok(Some(part))
+    Ok(part)
 }
 
 fn copy_file(from: &Path, to: &Path, relative: &str) -> anyhow::Result<FileEntry> {
@@ -460,6 +579,70 @@ fn write_manifest(to: &Path, manifest: &Manifest) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::store::{Snapshots, Vaults};
+
+    /// Writes go on during the copy: the restored store is the state at one moment, every
+    /// write whole (a vault's record and its data key together, or neither).
+    #[test]
+    fn a_backup_taken_under_writes_is_one_moment_of_them() {
+        use crate::crypto::MasterKey;
+        use crate::metrics::Metrics;
+        use crate::store::SledOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKey::from_hex(&MasterKey::generate_hex()).unwrap();
+        let options = |data: &Path| SledOptions {
+            data_dir: data.to_owned(),
+            cache_bytes: 1 << 20,
+            accept_lost_commits: false,
+        };
+        let store = SledStore::open(
+            &options(&dir.path().join("data")),
+            &master,
+            Metrics::new().unwrap(),
+        )
+        .unwrap();
+        for _ in 0..200 {
+            store.create_vault(1).unwrap();
+        }
+        let stop = AtomicBool::new(false);
+        let to = dir.path().join("backup");
+        let manifest = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                let mut made = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let vault = store.create_vault(2).unwrap();
+                    made += 1;
+                    if made % 2 == 0 {
+                        store.erase_vault(vault, true, 3).unwrap();
+                    }
+                }
+                made
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            let manifest = store.backup_to(&to, &|| 0, 4).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            stop.store(true, Ordering::SeqCst);
+            assert!(writer.join().unwrap() > 10, "writes went on");
+            manifest
+        });
+        let restored_dir = dir.path().join("restored");
+        restore_files(&to, &verify(&to).unwrap(), &restored_dir).unwrap();
+        let restored =
+            SledStore::open(&options(&restored_dir), &master, Metrics::new().unwrap()).unwrap();
+        let vaults = restored.vaults().unwrap();
+        assert!(vaults.len() >= 200);
+        assert_eq!(vaults.len() as u64, manifest.counts.vaults);
+        for (vault, _) in &vaults {
+            assert!(
+                restored.cipher(*vault).is_some(),
+                "{vault} without its data key"
+            );
+        }
+        assert_eq!(
+            restored.keyring.len(),
+            vaults.len(),
+            "a data key without its vault"
+        );
+    }
 
     #[test]
     fn a_backup_restores_and_a_damaged_one_is_refused() {
