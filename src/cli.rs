@@ -12,6 +12,7 @@
 
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use crate::config::{Config, Flags, HttpConfig, Listen, Surface};
 use crate::crypto::{Keyring, MasterKey};
 use crate::http::serve;
 use crate::metrics::Metrics;
-use crate::store::data_dir_in_use;
+use crate::store::{data_dir_in_use, lock_data_dir};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +71,11 @@ pub enum Command {
         /// The backup directory (its manifest is checked first).
         #[arg(long)]
         from: PathBuf,
+        /// Restore what the backup holds without a tombstone journal: vaults erased and keys
+        /// revoked since the backup come back. Without it, the journal (`--tombstone-log`)
+        /// must be there.
+        #[arg(long)]
+        without_tombstones: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -237,7 +243,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Config {
             command: ConfigCommand::Check { common },
         } => config_check(common),
-        Command::Restore { from, common } => restore_command(&from, common),
+        Command::Restore {
+            from,
+            without_tombstones,
+            common,
+        } => restore_command(&from, without_tombstones, common),
         Command::MasterKey {
             command:
                 MasterKeyCommand::Rewrap {
@@ -433,9 +443,16 @@ fn vaults(command: VaultsCommand) -> anyhow::Result<()> {
         }),
         VaultsCommand::Export { vault, out, common } => with_session(common, |session, json| {
             let mut output: Box<dyn Write> = match &out {
+                // Memory text in the clear: for the operator's eyes only, and never over a file.
                 Some(path) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("creating {}", path.display()))?,
+                    std::fs::File::options()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(path)
+                        .with_context(|| {
+                            format!("creating {} (it must not exist)", path.display())
+                        })?,
                 )),
                 None => Box::new(std::io::stdout().lock()),
             };
@@ -928,13 +945,13 @@ fn config_check(common: Common) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn restore_command(from: &Path, common: Common) -> anyhow::Result<()> {
+fn restore_command(from: &Path, without_tombstones: bool, common: Common) -> anyhow::Result<()> {
     let json = common.json;
     let config = common.flags.clone().validate()?;
     let report = restore(
         from,
         &config.data_dir,
-        &config.tombstone_log,
+        (!without_tombstones).then_some(config.tombstone_log.as_path()),
         &config.master_key_file,
         SystemClock.now_ms(),
     )?;
@@ -948,22 +965,26 @@ fn restore_command(from: &Path, common: Common) -> anyhow::Result<()> {
             report.manifest.counts.keys,
             report.manifest.counts.memories
         );
-        if report.tombstone_log_found {
-            println!(
-                "tombstones newer than the backup: {} ({} vaults erased, {} emptied, {} memories \
+        match (&report.tombstone_log, report.journal_matches) {
+            (Some(journal), matches) => println!(
+                "tombstones applied from {}: {}{} ({} vaults erased, {} emptied, {} memories \
                  deleted, {} keys revoked)",
-                report.tombstones_newer,
+                journal.display(),
+                report.tombstones_applied,
+                if matches == Some(false) {
+                    " (every entry: the backup counted in another journal)"
+                } else {
+                    ""
+                },
                 report.vaults_erased,
                 report.vaults_emptied,
                 report.memories_deleted,
                 report.keys_revoked
-            );
-        } else {
-            println!(
-                "no tombstone journal at {}: the restore holds what the backup held (erasures \
-                 and revocations since it included)",
-                report.tombstone_log.display()
-            );
+            ),
+            (None, _) => println!(
+                "--without-tombstones: the restore holds what the backup held (erasures and \
+                 revocations since it included)"
+            ),
         }
     }
     // The restored directory is checked as the daemon would open it.
@@ -990,12 +1011,13 @@ fn restore_command(from: &Path, common: Common) -> anyhow::Result<()> {
 
 fn rewrap(new_key_file: &Path, common: Common) -> anyhow::Result<()> {
     let config = common.flags.validate()?;
-    if data_dir_in_use(&config.data_dir)? {
-        bail!(
+    // Held until the new keyring is in place: no daemon may open the old one meanwhile.
+    let _lock = lock_data_dir(&config.data_dir).map_err(|_| {
+        anyhow::anyhow!(
             "{} is in use: stop the daemon first (the keyring is replaced whole)",
             config.data_dir.display()
-        );
-    }
+        )
+    })?;
     let keyring = config.data_dir.join("keyring");
     if !keyring.exists() {
         bail!("no keyring at {}", keyring.display());

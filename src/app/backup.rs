@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -59,12 +59,13 @@ impl CheckReport {
 #[derive(Debug, Serialize)]
 pub struct RestoreReport {
     pub manifest: Manifest,
-    pub tombstone_log: PathBuf,
-    /// Whether the journal was there to read (without it the restore holds what the backup
-    /// held).
-    pub tombstone_log_found: bool,
-    /// Entries newer than the backup, and what applying them did.
-    pub tombstones_newer: u64,
+    /// The journal applied; `None` with `--without-tombstones` (the restore holds what the
+    /// backup held).
+    pub tombstone_log: Option<PathBuf>,
+    /// Whether the journal is the one the backup counted in (else every entry was applied).
+    pub journal_matches: Option<bool>,
+    /// Entries applied (newer than the backup), and what applying them did.
+    pub tombstones_applied: u64,
     pub vaults_erased: u64,
     pub vaults_emptied: u64,
     pub memories_deleted: u64,
@@ -119,7 +120,11 @@ impl App {
             let started = Instant::now();
             let manifest = app
                 .store
-                .backup_to(&path, &|| app.tombstones.last_seq(), app.now_ms())
+                .backup_to(
+                    &path,
+                    &|| (app.tombstones.id().to_owned(), app.tombstones.last_seq()),
+                    app.now_ms(),
+                )
                 .map_err(|error| {
                     tracing::error!(error = %format!("{error:#}"), to = %path.display(), "backup failed");
                     ApiError::BackupFailed(format!("{error:#}"))
@@ -280,52 +285,94 @@ fn compact_time(ms: i64) -> String {
 }
 
 /// Restores the backup in `from` into `data_dir` (new or empty), then applies every entry of
-/// the tombstone journal at `tombstone_log` newer than the backup. The caller checks the result
+/// the tombstone journal at `tombstone_log` newer than the backup (every entry, if the journal
+/// is not the one the backup counted in). `None` restores what the backup holds, erasures since
+/// included: the caller asked for that in words. The journal is read first, the store is
+/// restored beside `data_dir` and renamed into place once the tombstones are applied, so a
+/// restore that fails leaves nothing that would start. The caller then checks the result
 /// (`App::check_blocking`) by opening it as the daemon would.
 pub fn restore(
     from: &Path,
     data_dir: &Path,
-    tombstone_log: &Path,
+    tombstone_log: Option<&Path>,
     master_key_file: &Path,
     now_ms: i64,
 ) -> anyhow::Result<RestoreReport> {
     let manifest = backup::verify(from)?;
-    backup::restore_files(from, &manifest, data_dir)?;
-    let master = MasterKey::load(master_key_file, &data_dir.join("keyring"))?;
-    let options = SledOptions {
-        data_dir: data_dir.to_owned(),
-        cache_bytes: 64 << 20,
-        accept_lost_commits: false,
+    let journal = match tombstone_log {
+        Some(path) => Some(Journal::read(path)?.with_context(|| {
+            format!(
+                "no tombstone journal at {}: name the daemon's journal with --tombstone-log (it \
+                 records the erasures and revocations since the backup), or pass \
+                 --without-tombstones to restore what the backup holds, erased vaults and \
+                 revoked keys included",
+                path.display()
+            )
+        })?),
+        None => None,
     };
-    let store = SledStore::open(&options, &master, Metrics::new()?)
-        .context("opening the restored store (is this the master key of the backup?)")?;
-    let tombstone_log_found = tombstone_log.exists();
-    let entries = Journal::read(tombstone_log)?;
+    if std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        bail!(
+            "{} is not empty: choose a new directory",
+            data_dir.display()
+        );
+    }
+    let partial = data_dir.with_extension("restoring");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| {
+            format!(
+                "removing {} (an earlier restore cut short)",
+                partial.display()
+            )
+        })?;
+    }
     let mut report = RestoreReport {
-        tombstone_log: tombstone_log.to_owned(),
-        tombstone_log_found,
-        tombstones_newer: 0,
+        tombstone_log: tombstone_log.map(Path::to_owned),
+        journal_matches: journal
+            .as_ref()
+            .map(|(header, _)| header.journal == manifest.tombstones_journal),
+        tombstones_applied: 0,
         vaults_erased: 0,
         vaults_emptied: 0,
         memories_deleted: 0,
         keys_revoked: 0,
         manifest,
     };
-    if !tombstone_log_found {
-        tracing::warn!(
-            path = %tombstone_log.display(),
-            "no tombstone journal: the restored store holds what the backup held, erasures \
-             and revocations since the backup included"
-        );
-    }
-    let since = report.manifest.tombstones_seq;
-    for entry in entries.into_iter().filter(|entry| entry.seq > since) {
-        report.tombstones_newer += 1;
-        apply(&store, &entry.tombstone, now_ms, &mut report)
-            .with_context(|| format!("applying tombstone {}", entry.seq))?;
+    backup::restore_files(from, &report.manifest, &partial)?;
+    // The master key file's default is beside the data; a restore reads it from where the
+    // daemon keeps it, never makes a new one.
+    let master = MasterKey::load(master_key_file, &partial.join("keyring"))?;
+    let options = SledOptions {
+        data_dir: partial.clone(),
+        cache_bytes: 64 << 20,
+        accept_lost_commits: false,
+    };
+    let store = SledStore::open(&options, &master, Metrics::new()?)
+        .context("opening the restored store (is this the master key of the backup?)")?;
+    if let Some((header, entries)) = journal {
+        // Entries up to the backup's place are in it, if it counted in this journal.
+        let since = if header.journal == report.manifest.tombstones_journal {
+            report.manifest.tombstones_seq
+        } else {
+            tracing::warn!(
+                journal = %header.journal,
+                backup = %report.manifest.tombstones_journal,
+                "the tombstone journal is not the one the backup counted in: applying every entry"
+            );
+            0
+        };
+        for entry in entries.into_iter().filter(|entry| entry.seq > since) {
+            report.tombstones_applied += 1;
+            apply(&store, &entry.tombstone, now_ms, &mut report)
+                .with_context(|| format!("applying tombstone {}", entry.seq))?;
+        }
     }
     use crate::store::Durability;
     store.close()?;
+    drop(store);
+    std::fs::rename(&partial, data_dir)
+        .with_context(|| format!("moving {} to {}", partial.display(), data_dir.display()))?;
+    crate::fsio::sync_parent(data_dir)?;
     Ok(report)
 }
 

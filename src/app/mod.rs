@@ -136,7 +136,7 @@ impl App {
         };
         let store: Arc<dyn Backend> =
             Arc::new(SledStore::open(&options, &master, metrics.clone())?);
-        let tombstones = Journal::open(&config.tombstone_log)?;
+        let tombstones = Journal::open(&config.tombstone_log, clock.now_ms())?;
         let limits = &config.limits;
         let app = App {
             indexes: Arc::new(Indexes::new(

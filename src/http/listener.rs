@@ -108,8 +108,19 @@ fn bind_unix(path: &Path, unix: &UnixSocket) -> anyhow::Result<Listener> {
                 path.display()
             );
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another process", path.display());
+        // Stale only if nobody is there: refused. Any other answer (a live socket, one we may
+        // not reach) is left alone.
+        match std::os::unix::net::UnixStream::connect(path) {
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
+            Ok(_) => bail!("{} is in use by another process", path.display()),
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "{} exists and cannot be checked: refusing to replace it",
+                        path.display()
+                    )
+                })
+            }
         }
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale {}", path.display()))?;

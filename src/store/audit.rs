@@ -25,7 +25,7 @@ pub trait Audit {
 impl Audit for SledStore {
     fn append_audit(&self, entry: &AuditEntry, max_entries: usize) -> anyhow::Result<()> {
         let _writing = self.writing();
-        let seq = self.db.generate_id()?;
+        let seq = self.next_id()?;
         self.audit
             .insert(seq.to_be_bytes(), serde_json::to_vec(entry)?)?;
         let mut count = self.audit_entries.fetch_add(1, Ordering::AcqRel) + 1;

@@ -24,7 +24,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ledger::Ledger;
-use super::sled::{commit_seq, SledStore, WriteHold, COMMIT_SEQ};
+use super::sled::{commit_seq, SledStore, WriteHold, COMMIT_SEQ, ID_FLOOR};
 
 /// What `manifest.json` says `format` is.
 pub const FORMAT: &str = "memory-sidecar-backup";
@@ -70,8 +70,11 @@ pub struct Manifest {
     /// The store's schema and its last group commit when the copy was taken.
     pub schema: String,
     pub commit_seq: u64,
-    /// The tombstone journal's last entry when the copy was taken: a restore applies every
-    /// entry after it.
+    /// Above every memory and audit id in the backup: a restored store's ids start there.
+    pub id_floor: u64,
+    /// The tombstone journal's id and last entry when the copy was taken: a restore applies
+    /// every entry of that journal after it.
+    pub tombstones_journal: String,
     pub tombstones_seq: u64,
     /// How long writes waited while the copy was taken.
     pub writes_paused_ms: u64,
@@ -111,7 +114,7 @@ pub trait Snapshots {
     fn backup_to(
         &self,
         to: &Path,
-        tombstones_seq: &dyn Fn() -> u64,
+        tombstones_seq: &dyn Fn() -> (String, u64),
         now_ms: i64,
     ) -> anyhow::Result<Manifest>;
 }
@@ -119,17 +122,33 @@ pub trait Snapshots {
 impl Snapshots for SledStore {
     fn hold_writes(&self) -> WriteHold<'_> {
         WriteHold {
-            _guard: self.writing(),
+            _writing: self.writing(),
         }
     }
 
     fn backup_to(
         &self,
         to: &Path,
-        tombstones_seq: &dyn Fn() -> u64,
+        tombstones_seq: &dyn Fn() -> (String, u64),
         now_ms: i64,
     ) -> anyhow::Result<Manifest> {
         prepare_empty_dir(to)?;
+        let result = self.backup_into(to, tombstones_seq, now_ms);
+        if result.is_err() {
+            // Not a backup (no manifest): nothing is left to mistake for one.
+            let _ = std::fs::remove_dir_all(to);
+        }
+        result
+    }
+}
+
+impl SledStore {
+    fn backup_into(
+        &self,
+        to: &Path,
+        tombstones_seq: &dyn Fn() -> (String, u64),
+        now_ms: i64,
+    ) -> anyhow::Result<Manifest> {
         let trees_dir = to.join("trees");
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -140,18 +159,31 @@ impl Snapshots for SledStore {
             .map(|name| Ok((*name, self.db.open_tree(name)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         // 1. Every write from here on is an event, gathered as it happens (sled blocks a writer
-        //    once a subscriber is 1,024 events behind, so they are drained all along).
-        let stop = Arc::new(AtomicBool::new(false));
-        let watchers: Vec<_> = trees
-            .iter()
-            .map(|(name, tree)| {
-                let subscriber = tree.watch_prefix(vec![]);
-                let stop = stop.clone();
+        //    once a subscriber is 1,024 events behind, so they are drained all along). The
+        //    subscriptions are made with writes held, so no write is half before them.
+        let mut watchers = Watchers {
+            stop: Arc::new(AtomicBool::new(false)),
+            overflow: Arc::new(AtomicBool::new(false)),
+            gathered: Arc::new(AtomicUsize::new(0)),
+            threads: Vec::new(),
+        };
+        let subscribers: Vec<_> = {
+            let _held = self.gate.write();
+            trees
+                .iter()
+                .map(|(_, tree)| tree.watch_prefix(vec![]))
+                .collect()
+        };
+        for ((name, _), subscriber) in trees.iter().zip(subscribers) {
+            let stop = watchers.stop.clone();
+            let overflow = watchers.overflow.clone();
+            let gathered = watchers.gathered.clone();
+            watchers.threads.push(
                 std::thread::Builder::new()
                     .name(format!("backup-{name}"))
-                    .spawn(move || gather(subscriber, &stop))
-            })
-            .collect::<std::io::Result<_>>()?;
+                    .spawn(move || gather(subscriber, &stop, &overflow, &gathered))?,
+            );
+        }
         // 2. A copy of every tree while writes go on: each key as it was at some moment since.
         let mut copies = Vec::new();
         for (name, tree) in &trees {
@@ -162,13 +194,18 @@ impl Snapshots for SledStore {
         //    Every write holds the gate shared, so once it is ours every write has returned,
         //    and its event is gathered.
         let held = Instant::now();
-        let (events, tombstones, commit_seq, schema, keyring) = {
+        let (events, tombstones, commit_seq, schema, keyring, id_floor) = {
             let _held = self.gate.write();
-            stop.store(true, Ordering::SeqCst);
-            let events = watchers
-                .into_iter()
-                .map(|watcher| watcher.join().expect("a backup watcher panicked"))
-                .collect::<Vec<_>>();
+            let events = watchers.finish();
+            if watchers.overflow.load(Ordering::SeqCst) {
+                bail!(
+                    "more than {} MiB of writes arrived during the copy; take the backup at a \
+                     quieter time",
+                    MAX_GATHERED_BYTES >> 20
+                );
+            }
+            // Above every id in the copy: a store restored from it starts its ids there.
+            let id_floor = self.next_id()?;
             let meta = &trees[0].1;
             let schema = meta
                 .get("schema")?
@@ -176,7 +213,14 @@ impl Snapshots for SledStore {
                 .unwrap_or_default();
             let keyring = std::fs::read(self.keyring.path())
                 .with_context(|| format!("reading {}", self.keyring.path().display()))?;
-            (events, tombstones_seq(), commit_seq(meta)?, schema, keyring)
+            (
+                events,
+                tombstones_seq(),
+                commit_seq(meta)?,
+                schema,
+                keyring,
+                id_floor,
+            )
         };
         let paused = held.elapsed().as_millis() as u64;
         // 4. The copy, brought to that moment: each tree's events after its records.
@@ -211,7 +255,9 @@ impl Snapshots for SledStore {
             created_at_ms: now_ms,
             schema,
             commit_seq,
-            tombstones_seq: tombstones,
+            id_floor,
+            tombstones_journal: tombstones.0,
+            tombstones_seq: tombstones.1,
             writes_paused_ms: paused,
             counts,
             files,
@@ -224,21 +270,70 @@ impl Snapshots for SledStore {
 /// The trees whose sizes the manifest gives.
 const COUNTED: [&str; 5] = ["vaults", "keys", "memories", "vectors", "pending"];
 
-/// Gathers a tree's events until told to stop and none is left.
-fn gather(mut subscriber: sled::Subscriber, stop: &AtomicBool) -> Vec<sled::Event> {
+/// The threads gathering each tree's events; stopped and joined however the backup ends.
+struct Watchers {
+    stop: Arc<AtomicBool>,
+    overflow: Arc<AtomicBool>,
+    gathered: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Vec<sled::Event>>>,
+}
+
+impl Watchers {
+    /// Stops the threads (with writes held: every event is already sent) and returns each
+    /// tree's events.
+    fn finish(&mut self) -> Vec<Vec<sled::Event>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .drain(..)
+            .map(|thread| thread.join().unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The most change a backup holds in memory while it copies (past it, it fails).
+const MAX_GATHERED_BYTES: usize = 1 << 30;
+
+/// Gathers a tree's events until told to stop and none is left. Past the bound it keeps
+/// draining (a writer must never wait on it) but drops them and says so.
+fn gather(
+    mut subscriber: sled::Subscriber,
+    stop: &AtomicBool,
+    overflow: &AtomicBool,
+    gathered: &AtomicUsize,
+) -> Vec<sled::Event> {
     let mut events = Vec::new();
     loop {
-        let wait = if stop.load(Ordering::SeqCst) {
-            Duration::from_millis(1)
-        } else {
-            Duration::from_millis(20)
-        };
+        // Read before the wait: a stop seen here was set with writes held, so an empty wait
+        // after it means every event is in.
+        let stopping = stop.load(Ordering::SeqCst);
+        let wait = Duration::from_millis(if stopping { 1 } else { 20 });
         match subscriber.next_timeout(wait) {
-            Ok(event) => events.push(event),
-            Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::SeqCst) => {}
-            Err(_) => return events,
+            Ok(event) => {
+                let bytes = match &event {
+                    sled::Event::Insert { key, value } => key.len() + value.len(),
+                    sled::Event::Remove { key } => key.len(),
+                };
+                if overflow.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if gathered.fetch_add(bytes, Ordering::Relaxed) + bytes > MAX_GATHERED_BYTES {
+                    overflow.store(true, Ordering::SeqCst);
+                    events = Vec::new();
+                } else {
+                    events.push(event);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if !stopping => {}
+            Err(_) => break,
         }
     }
+    events
 }
 
 /// A tree's file being written: its records so far, and (for a counted tree) a hash of each
@@ -416,8 +511,9 @@ pub fn restore_files(from: &Path, manifest: &Manifest, data_dir: &Path) -> anyho
     }
     // The commit the backup was taken at, whatever the copy of `meta` says (the commit thread
     // writes it without the gate).
-    db.open_tree("meta")?
-        .insert(COMMIT_SEQ, &manifest.commit_seq.to_be_bytes())?;
+    let meta = db.open_tree("meta")?;
+    meta.insert(COMMIT_SEQ, &manifest.commit_seq.to_be_bytes())?;
+    meta.insert(ID_FLOOR, &manifest.id_floor.to_be_bytes())?;
     db.flush().context("flushing the restored store")?;
     File::open(store_dir.join("db"))?
         .sync_all()
@@ -603,6 +699,7 @@ mod tests {
         for _ in 0..200 {
             store.create_vault(1).unwrap();
         }
+        let used = (0..5).map(|_| store.next_id().unwrap()).max().unwrap();
         let stop = AtomicBool::new(false);
         let to = dir.path().join("backup");
         let manifest = std::thread::scope(|scope| {
@@ -618,7 +715,7 @@ mod tests {
                 made
             });
             std::thread::sleep(Duration::from_millis(30));
-            let manifest = store.backup_to(&to, &|| 0, 4).unwrap();
+            let manifest = store.backup_to(&to, &|| ("j".to_owned(), 0), 4).unwrap();
             std::thread::sleep(Duration::from_millis(30));
             stop.store(true, Ordering::SeqCst);
             assert!(writer.join().unwrap() > 10, "writes went on");
@@ -642,6 +739,9 @@ mod tests {
             vaults.len(),
             "a data key without its vault"
         );
+        // New ids start above every id of the backup.
+        assert!(manifest.id_floor > used);
+        assert!(restored.next_id().unwrap() >= manifest.id_floor);
     }
 
     #[test]
@@ -650,7 +750,7 @@ mod tests {
         let store = SledStore::for_tests(&dir.path().join("data"));
         store.create_vault(1).unwrap();
         let to = dir.path().join("backup");
-        let manifest = store.backup_to(&to, &|| 7, 2).unwrap();
+        let manifest = store.backup_to(&to, &|| ("j".to_owned(), 7), 2).unwrap();
         assert_eq!(manifest.counts.vaults, 1);
         assert_eq!(manifest.tombstones_seq, 7);
         let verified = verify(&to).unwrap();

@@ -178,7 +178,7 @@ impl Memories for SledStore {
         // Imported already superseded: kept for export, never embedded.
         let mut superseded = HashSet::new();
         for memory in memories {
-            let id = MemoryId(self.db.generate_id()?);
+            let id = MemoryId(self.next_id()?);
             let digest = digest(cipher, memory);
             let mut record = memory.record.clone();
             record.digest = hex::encode(digest);

@@ -37,6 +37,8 @@ use crate::metrics::Metrics;
 const SCHEMA_VERSION: &[u8] = b"3";
 const SCHEMA_WITHOUT_VAULT_KEYS: &[u8] = b"2";
 pub(super) const COMMIT_SEQ: &str = "commit_seq";
+/// `meta` key of the id floor (see `SledStore::id_floor`).
+pub(super) const ID_FLOOR: &str = "id_floor";
 /// Rows removed per sled batch when a vault or session is erased.
 pub(super) const ERASE_BATCH: usize = 1024;
 
@@ -70,8 +72,11 @@ pub struct SledStore {
     pub(super) audit_entries: AtomicUsize,
     pub(super) keyring: Keyring,
     pub(super) committer: Committer,
-    /// Every write method holds it shared; a backup holds it exclusively while it copies.
+    /// Every write method holds it shared; a backup holds it exclusively for a moment.
     pub(super) gate: parking_lot::RwLock<()>,
+    /// Added to every id sled generates: a restored store starts sled's counter again, so its
+    /// ids begin above every id of the backup (`meta` `id_floor`, set by the restore).
+    pub(super) id_floor: u64,
     /// The data directory's `lock` file, locked exclusively while the store is open: one
     /// process at a time (the daemon, or a command that opens the directory itself).
     _lock: File,
@@ -80,7 +85,23 @@ pub struct SledStore {
 /// Writes held off a backup's copy for as long as it lives (see
 /// [`super::backup::Snapshots::hold_writes`]).
 pub struct WriteHold<'a> {
-    pub(super) _guard: parking_lot::RwLockReadGuard<'a, ()>,
+    pub(super) _writing: Writing<'a>,
+}
+
+thread_local! {
+    /// How many holds of the write gate this thread has (see [`SledStore::writing`]).
+    static WRITE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// One hold of the write gate, shared.
+pub struct Writing<'a> {
+    _guard: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        WRITE_DEPTH.set(WRITE_DEPTH.get().saturating_sub(1));
+    }
 }
 
 impl SledStore {
@@ -137,6 +158,15 @@ impl SledStore {
         let keyring = Keyring::open(&options.data_dir.join("keyring"), master, vaults.is_empty())?;
         let committer = Committer::start(&db, &meta, data_file(&dir)?, store_seq, metrics, ledger)?;
         let audit = db.open_tree("audit")?;
+        let id_floor = match meta.get(ID_FLOOR)? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .context("the store's id floor is corrupt")?,
+            ),
+            None => 0,
+        };
         Ok(SledStore {
             key_used: db.open_tree("key_used")?,
             memories: db.open_tree("memories")?,
@@ -153,15 +183,30 @@ impl SledStore {
             keyring,
             committer,
             gate: parking_lot::RwLock::new(()),
+            id_floor,
             _lock: lock,
             path: dir,
             db,
         })
     }
 
-    /// What every write method holds (see `gate`).
-    pub(super) fn writing(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.gate.read_recursive()
+    /// What every write method holds (see `gate`). The outermost hold on a thread queues
+    /// behind a waiting backup (so a stream of overlapping writes cannot starve it); a hold
+    /// within one (a write method under `hold_writes`) must not, or it would deadlock.
+    pub(super) fn writing(&self) -> Writing<'_> {
+        let depth = WRITE_DEPTH.get();
+        let guard = if depth == 0 {
+            self.gate.read()
+        } else {
+            self.gate.read_recursive()
+        };
+        WRITE_DEPTH.set(depth + 1);
+        Writing { _guard: guard }
+    }
+
+    /// A new memory or audit id, above every id of the backup this store was restored from.
+    pub(super) fn next_id(&self) -> anyhow::Result<u64> {
+        Ok(self.id_floor + self.db.generate_id()?)
     }
 
     /// A store in `dir` with a random master key, for tests.
@@ -188,7 +233,7 @@ impl SledStore {
 pub fn data_dir_in_use(data_dir: &Path) -> anyhow::Result<bool> {
     use fs2::FileExt;
     let path = data_dir.join("lock");
-    let file = match File::options().read(true).write(true).open(&path) {
+    let file = match File::open(&path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(error) => return Err(error).with_context(|| format!("opening {}", path.display())),
@@ -198,7 +243,7 @@ pub fn data_dir_in_use(data_dir: &Path) -> anyhow::Result<bool> {
 }
 
 /// Takes the data directory's lock, or says that another process holds it.
-fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
     use fs2::FileExt;
     let path = data_dir.join("lock");
     let file = File::options()
