@@ -57,7 +57,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (what no subcommand does).
     Serve(Flags),
-    /// Take a consistent backup while the daemon serves (writes pause for the copy).
+    /// Take a consistent backup while the daemon serves (writes pause for a moment only).
     Backup {
         /// A new or empty directory on the daemon's host (absolute when the daemon writes it).
         #[arg(long)]
