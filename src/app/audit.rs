@@ -8,7 +8,6 @@ use serde_json::{Map, Value};
 
 use super::{blocking, App};
 use crate::auth::Access;
-use crate::bounds::MAX_KEYS_PAGE;
 use crate::error::ApiError;
 use crate::ids::VaultId;
 use crate::store::AuditEntry;
@@ -84,11 +83,7 @@ impl App {
         cursor: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<AuditEntry>, Option<u64>), ApiError> {
-        if limit == 0 || limit > MAX_KEYS_PAGE {
-            return Err(ApiError::invalid(format!(
-                "`limit` must be 1 to {MAX_KEYS_PAGE}"
-            )));
-        }
+        App::check_page_limit(limit)?;
         let store = self.store.clone();
         blocking(move || Ok(store.audit_page(cursor, limit)?)).await
     }

@@ -12,9 +12,7 @@ use serde_json::Value;
 use super::audit::Audited;
 use super::{blocking, App};
 use crate::auth::{self, Access, MemoryAccess, NewKey};
-use crate::bounds::{
-    MAX_EXPIRES_DAYS, MAX_GRACE_DAYS, MAX_KEYS_PAGE, MAX_KEYS_PER_VAULT, MAX_KEY_NAME_CHARS,
-};
+use crate::bounds::{MAX_EXPIRES_DAYS, MAX_GRACE_DAYS, MAX_KEYS_PER_VAULT, MAX_KEY_NAME_CHARS};
 use crate::error::ApiError;
 use crate::ids::{KeyId, Scope, VaultId};
 use crate::store::{KeyRecord, KeyStatus};
@@ -262,11 +260,7 @@ impl App {
         access: &Access,
         query: KeyQuery,
     ) -> Result<(Vec<KeyInfo>, Option<KeyId>), ApiError> {
-        if query.limit == 0 || query.limit > MAX_KEYS_PAGE {
-            return Err(ApiError::invalid(format!(
-                "`limit` must be 1 to {MAX_KEYS_PAGE}"
-            )));
-        }
+        App::check_page_limit(query.limit)?;
         let vault = managed_vault(access, query.vault)?;
         let app = self.clone();
         blocking(move || {

@@ -47,6 +47,7 @@ use anyhow::{bail, Context};
 pub use self::blocking::blocking;
 use self::locks::VaultLocks;
 use crate::auth::AdminKey;
+use crate::bounds::MAX_KEYS_PAGE;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::{MasterKey, VaultCipher};
@@ -381,6 +382,16 @@ impl App {
             self.store.note_write_error(&error);
             ApiError::StorageUnavailable
         }
+    }
+
+    /// Refuses a page size outside 1 to [`MAX_KEYS_PAGE`] (keys, vaults, the audit log).
+    fn check_page_limit(limit: usize) -> Result<(), ApiError> {
+        if limit == 0 || limit > MAX_KEYS_PAGE {
+            return Err(ApiError::invalid(format!(
+                "`limit` must be 1 to {MAX_KEYS_PAGE}"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a write that adds data while the data filesystem is under its reserve, so that

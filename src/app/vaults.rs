@@ -39,11 +39,7 @@ impl App {
         limit: usize,
     ) -> Result<VaultPage, ApiError> {
         require_admin(access)?;
-        if !(1..=MAX_KEYS_PAGE).contains(&limit) {
-            return Err(ApiError::invalid(format!(
-                "`limit` must be 1 to {MAX_KEYS_PAGE}, got {limit}"
-            )));
-        }
+        App::check_page_limit(limit)?;
         let app = self.clone();
         blocking(move || {
             let mut vaults = app

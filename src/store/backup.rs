@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ledger::Ledger;
-use super::sled::{commit_seq, SledStore, WriteHold, COMMIT_SEQ, ID_FLOOR};
+use super::sled::{commit_seq, SledStore, Writing, COMMIT_SEQ, ID_FLOOR};
 
 /// What `manifest.json` says `format` is.
 pub const FORMAT: &str = "memory-sidecar-backup";
@@ -105,7 +105,7 @@ pub struct FileEntry {
 pub trait Snapshots {
     /// Holds writes off a backup's copy while it lives, so that writes to the tombstone
     /// journal and the store that go together are copied together. Writes within it nest.
-    fn hold_writes(&self) -> WriteHold<'_>;
+    fn hold_writes(&self) -> Writing<'_>;
 
     /// Writes a consistent copy of the store and the keyring into `to` (created; must not
     /// exist or be empty), as of a moment when writes are held (briefly: see the module).
@@ -120,10 +120,8 @@ pub trait Snapshots {
 }
 
 impl Snapshots for SledStore {
-    fn hold_writes(&self) -> WriteHold<'_> {
-        WriteHold {
-            _writing: self.writing(),
-        }
+    fn hold_writes(&self) -> Writing<'_> {
+        self.writing()
     }
 
     fn backup_to(
@@ -238,15 +236,7 @@ impl SledStore {
             }
             files.push(entry);
         }
-        let mut out = HashingWriter::create(&to.join("keyring"))?;
-        out.write(&keyring)?;
-        let (bytes, sha256) = out.finish()?;
-        files.push(FileEntry {
-            path: "keyring".to_owned(),
-            bytes,
-            records: 0,
-            sha256,
-        });
+        files.push(write_file(&to.join("keyring"), &keyring, "keyring")?);
         crate::fsio::sync_dir(&trees_dir)?;
         let manifest = Manifest {
             format: FORMAT.to_owned(),
@@ -629,8 +619,13 @@ fn read_part(input: &mut impl Read) -> anyhow::Result<Vec<u8>> {
 
 fn copy_file(from: &Path, to: &Path, relative: &str) -> anyhow::Result<FileEntry> {
     let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    write_file(to, &bytes, relative)
+}
+
+/// A new file of `bytes` (mode 0600, fsynced), named `relative` in the manifest.
+fn write_file(to: &Path, bytes: &[u8], relative: &str) -> anyhow::Result<FileEntry> {
     let mut out = HashingWriter::create(to)?;
-    out.write(&bytes)?;
+    out.write(bytes)?;
     let (bytes, sha256) = out.finish()?;
     Ok(FileEntry {
         path: relative.to_owned(),

@@ -47,7 +47,7 @@ pub use self::records::{
     AuditEntry, EntryMeta, KeyRecord, KeyStatus, MemoryPage, MemoryRecord, NewMemory, Passage,
     Removed, VaultRecord,
 };
-pub use self::sled::{data_dir_in_use, lock_data_dir, SledOptions, SledStore, WriteHold, Writing};
+pub use self::sled::{data_dir_in_use, lock_data_dir, SledOptions, SledStore, Writing};
 pub use self::vaults::Vaults;
 pub use self::vectors::{VectorItem, Vectors};
 

@@ -82,18 +82,13 @@ pub struct SledStore {
     _lock: File,
 }
 
-/// Writes held off a backup's copy for as long as it lives (see
-/// [`super::backup::Snapshots::hold_writes`]).
-pub struct WriteHold<'a> {
-    pub(super) _writing: Writing<'a>,
-}
-
 thread_local! {
     /// How many holds of the write gate this thread has (see [`SledStore::writing`]).
     static WRITE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// One hold of the write gate, shared.
+/// One hold of the write gate, shared: writes held off a backup's consistent moment for as
+/// long as it lives (also what [`super::backup::Snapshots::hold_writes`] returns).
 pub struct Writing<'a> {
     _guard: parking_lot::RwLockReadGuard<'a, ()>,
 }
@@ -158,15 +153,7 @@ impl SledStore {
         let keyring = Keyring::open(&options.data_dir.join("keyring"), master, vaults.is_empty())?;
         let committer = Committer::start(&db, &meta, data_file(&dir)?, store_seq, metrics, ledger)?;
         let audit = db.open_tree("audit")?;
-        let id_floor = match meta.get(ID_FLOOR)? {
-            Some(bytes) => u64::from_be_bytes(
-                bytes
-                    .as_ref()
-                    .try_into()
-                    .context("the store's id floor is corrupt")?,
-            ),
-            None => 0,
-        };
+        let id_floor = meta_number(&meta, ID_FLOOR, "id floor")?;
         Ok(SledStore {
             key_used: db.open_tree("key_used")?,
             memories: db.open_tree("memories")?,
@@ -265,12 +252,17 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
 
 /// The number of the last group commit written to the store (0 for a new store).
 pub(super) fn commit_seq(meta: &sled::Tree) -> anyhow::Result<u64> {
-    Ok(match meta.get(COMMIT_SEQ)? {
+    meta_number(meta, COMMIT_SEQ, "commit number")
+}
+
+/// A big-endian number in `meta` (0 if absent).
+fn meta_number(meta: &sled::Tree, key: &str, what: &str) -> anyhow::Result<u64> {
+    Ok(match meta.get(key)? {
         Some(bytes) => u64::from_be_bytes(
             bytes
                 .as_ref()
                 .try_into()
-                .context("the store's commit number is corrupt")?,
+                .with_context(|| format!("the store's {what} is corrupt"))?,
         ),
         None => 0,
     })
