@@ -508,10 +508,32 @@ pub fn restore_files(from: &Path, manifest: &Manifest, data_dir: &Path) -> anyho
     File::open(store_dir.join("db"))?
         .sync_all()
         .context("fsync of the restored store")?;
+    drop(meta);
     drop(db);
+    // sled's threads let go of its file lock a moment after the last handle is dropped; the
+    // store is opened again right after this, so wait for it.
+    wait_for_unlock(&store_dir.join("db"))?;
     copy_file(&from.join("keyring"), &data_dir.join("keyring"), "keyring")?;
     Ledger::open(&data_dir.join("ledger"), manifest.commit_seq)?;
     crate::fsio::sync_dir(data_dir)?;
+    Ok(())
+}
+
+/// Waits (at most 10 s) until no handle holds sled's lock on `file`.
+fn wait_for_unlock(file: &Path) -> anyhow::Result<()> {
+    use fs2::FileExt;
+    let opened = File::options().read(true).write(true).open(file)?;
+    let started = Instant::now();
+    while FileExt::try_lock_exclusive(&opened).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "{} is still locked 10 s after the restore closed it",
+                file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    FileExt::unlock(&opened)?;
     Ok(())
 }
 
