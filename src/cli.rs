@@ -644,7 +644,7 @@ impl Session {
             );
         }
         let admin_key = AdminKey::generate_text();
-        let master = MasterKey::load(&config.master_key_file, &config.data_dir.join("keyring"))?;
+        let master = crate::app::master_key(&config)?;
         let http = HttpConfig {
             surface: Surface::All,
             ..config.http.clone()

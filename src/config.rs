@@ -127,6 +127,35 @@ pub struct Flags {
     /// Directory for the store and the generated admin key.
     #[arg(long, env = "MEMORY_SIDECAR_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// Where the system of record lives: `sled` (the embedded store in --data-dir, the
+    /// default) or a PostgreSQL connection string shared by a fleet of nodes, e.g.
+    /// `postgresql://memory@db1:5432,db2:5432/memory?target_session_attrs=read-write`
+    /// (docs/fleet.md). Every node of a fleet needs the same master key and admin key.
+    #[arg(long, env = "MEMORY_SIDECAR_STORE", default_value = "sled")]
+    pub store: String,
+    /// With a PostgreSQL store: connections this node keeps at most.
+    #[arg(long, env = "MEMORY_SIDECAR_STORE_POOL_SIZE", default_value_t = 16)]
+    pub store_pool_size: usize,
+    /// With a PostgreSQL store: how long a connection attempt, or a wait for a free
+    /// connection, may take before the request is answered 503 (ms).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_STORE_CONNECT_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
+    pub store_connect_timeout_ms: u64,
+    /// With a PostgreSQL store: how long one statement may run (ms; PostgreSQL's
+    /// statement_timeout).
+    #[arg(
+        long,
+        env = "MEMORY_SIDECAR_STORE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub store_statement_timeout_ms: u64,
+    /// With a PostgreSQL store: how long a node's claim on a memory it stored but has not yet
+    /// embedded lasts (ms); if the node dies, another embeds the memory once it ran out.
+    #[arg(long, env = "MEMORY_SIDECAR_STORE_LEASE_MS", default_value_t = 30_000)]
+    pub store_lease_ms: u64,
     /// File holding the master key (64 hex digits) that wraps every vault's data key; generated
     /// (mode 0600) on first start when absent. Default: `<data-dir>/master.key`. Keep it off the
     /// data volume for real protection of a stolen disk. `MEMORY_SIDECAR_MASTER_KEY` (the key
@@ -411,6 +440,7 @@ pub struct Flags {
 /// master key by `crypto`).
 #[derive(Clone, Debug)]
 pub struct Config {
+    pub store: StoreConfig,
     pub listen: Vec<Listen>,
     pub admin_listen: Vec<Listen>,
     pub unix_socket: UnixSocket,
@@ -430,6 +460,33 @@ pub struct Config {
     pub reembed: bool,
     pub keep_serving_after_storage_failure: bool,
     pub access_log: bool,
+}
+
+/// Which backend holds the system of record.
+#[derive(Clone)]
+pub enum StoreConfig {
+    /// The embedded store in the data directory.
+    Sled,
+    /// A PostgreSQL database shared by a fleet.
+    Postgres {
+        /// libpq's connection string or URL; may hold a password, so never printed.
+        url: String,
+        pool_size: usize,
+        connect_timeout: Duration,
+        statement_timeout: Duration,
+        lease: Duration,
+    },
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreConfig::Sled => f.write_str("Sled"),
+            StoreConfig::Postgres { pool_size, .. } => {
+                write!(f, "Postgres {{ url: <redacted>, pool_size: {pool_size} }}")
+            }
+        }
+    }
 }
 
 /// HTTP's own bounds: connections, time, body bytes. Passed to `http::serve`; the domain
@@ -688,7 +745,40 @@ impl Flags {
                 self.embed_workers
             );
         }
+        let store = match self.store.as_str() {
+            "sled" => StoreConfig::Sled,
+            url if url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.contains("host=")
+                || url.contains("dbname=") =>
+            {
+                if !(1..=1000).contains(&self.store_pool_size) {
+                    bail!("--store-pool-size must be 1 to 1000");
+                }
+                if !(100..=600_000).contains(&self.store_connect_timeout_ms) {
+                    bail!("--store-connect-timeout-ms must be 100 to 600000");
+                }
+                if !(100..=3_600_000).contains(&self.store_statement_timeout_ms) {
+                    bail!("--store-statement-timeout-ms must be 100 to 3600000");
+                }
+                if !(1000..=3_600_000).contains(&self.store_lease_ms) {
+                    bail!("--store-lease-ms must be 1000 to 3600000");
+                }
+                StoreConfig::Postgres {
+                    lease: Duration::from_millis(self.store_lease_ms),
+                    url: url.to_owned(),
+                    pool_size: self.store_pool_size,
+                    connect_timeout: Duration::from_millis(self.store_connect_timeout_ms),
+                    statement_timeout: Duration::from_millis(self.store_statement_timeout_ms),
+                }
+            }
+            _ => bail!(
+                "--store must be `sled` or a PostgreSQL connection string (postgresql://... or \
+                 host=... dbname=...)"
+            ),
+        };
         Ok(Config {
+            store,
             unix_socket: UnixSocket {
                 mode: parse_mode(&self.unix_socket_mode)?,
                 group: self.unix_socket_group,

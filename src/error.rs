@@ -92,6 +92,8 @@ pub enum ApiError {
     StorageUnavailable,
     #[error("the store failed a write earlier and cannot serve this request from what it can still read; restart the daemon once the disk is fixed: see /readyz and its log")]
     StorageUnreadable,
+    #[error("the database is unavailable ({0}); retry in a moment: a write answered with this was not acknowledged")]
+    DatabaseUnavailable(String),
     #[error("the backup could not be written: {0}")]
     BackupFailed(String),
     #[error("the request took longer than {0} ms")]
@@ -150,7 +152,9 @@ impl ApiError {
             Overloaded(_) => ("overloaded", 429),
             NotReady => ("not_ready", 503),
             ShuttingDown => ("shutting_down", 503),
-            StorageUnavailable | StorageUnreadable => ("storage_unavailable", 503),
+            StorageUnavailable | StorageUnreadable | DatabaseUnavailable(_) => {
+                ("storage_unavailable", 503)
+            }
             Timeout(_) => ("timeout", 503),
             BackupFailed(_) => ("backup_failed", 500),
             Internal(_) => ("internal", 500),
@@ -171,9 +175,22 @@ impl ApiError {
     }
 }
 
+/// A store's failure to reach its database (a connection lost, a server restarting or failing
+/// over, a pool exhausted): passing, unlike a disk's, so it is answered 503 with `Retry-After`
+/// and never makes the store unhealthy. Carried inside an `anyhow::Error`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DatabaseUnavailable(pub String);
+
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
-        ApiError::Internal(error)
+        match error
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<DatabaseUnavailable>())
+        {
+            Some(away) => ApiError::DatabaseUnavailable(away.0.clone()),
+            None => ApiError::Internal(error),
+        }
     }
 }
 

@@ -13,7 +13,6 @@ use memory_sidecar::auth::AdminKey;
 use memory_sidecar::cli::{self, Cli, Command};
 use memory_sidecar::clock::SystemClock;
 use memory_sidecar::config::{Config, HttpConfig, Listen, LogFormat, Surface, UnixSocket};
-use memory_sidecar::crypto::MasterKey;
 use memory_sidecar::http::{serve, Listener};
 use memory_sidecar::metrics::Metrics;
 use memory_sidecar::notify;
@@ -118,7 +117,7 @@ enum Stopped {
 fn run(config: Config) -> anyhow::Result<Stopped> {
     let keep_serving = config.keep_serving_after_storage_failure;
     let admin = AdminKey::load(&config.data_dir)?;
-    let master = MasterKey::load(&config.master_key_file, &config.data_dir.join("keyring"))?;
+    let master = memory_sidecar::app::master_key(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("http")

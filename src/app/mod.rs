@@ -49,14 +49,14 @@ use self::locks::VaultLocks;
 use crate::auth::AdminKey;
 use crate::bounds::MAX_KEYS_PAGE;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::crypto::{MasterKey, VaultCipher};
 use crate::embed::Embedder;
 use crate::error::ApiError;
 use crate::ids::VaultId;
 use crate::index::Indexes;
 use crate::metrics::Metrics;
-use crate::store::{Backend, SledOptions, SledStore};
+use crate::store::{Backend, PgOptions, PgStore, SledOptions, SledStore};
 use crate::throttle::{FailureThrottle, KeyThrottle};
 use crate::tombstones::{Journal, Tombstone};
 
@@ -114,6 +114,17 @@ pub struct App {
     tombstones: Journal,
 }
 
+/// The master key for `config`'s store: generated on the first start of an embedded store
+/// (beside its keyring), never for a shared one, whose every node needs the fleet's key.
+pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
+    match config.store {
+        StoreConfig::Sled => {
+            MasterKey::load(&config.master_key_file, &config.data_dir.join("keyring"))
+        }
+        StoreConfig::Postgres { .. } => MasterKey::load_existing(&config.master_key_file),
+    }
+}
+
 /// The exit code after the store failed in the way that needs a restart (`Restart=on-failure`
 /// restarts it; 1 is any other failure, 2 a refused configuration).
 pub const EXIT_STORAGE_FAILED: u8 = 3;
@@ -130,13 +141,35 @@ impl App {
     ) -> anyhow::Result<Arc<App>> {
         let embedder = Embedder::open(&config.models_dir, &config.embed, metrics.clone())?;
         let opened = Instant::now();
-        let options = SledOptions {
-            data_dir: config.data_dir.clone(),
-            cache_bytes: config.cache_bytes,
-            accept_lost_commits: config.accept_lost_commits,
+        let store: Arc<dyn Backend> = match &config.store {
+            StoreConfig::Sled => {
+                let options = SledOptions {
+                    data_dir: config.data_dir.clone(),
+                    cache_bytes: config.cache_bytes,
+                    accept_lost_commits: config.accept_lost_commits,
+                };
+                Arc::new(SledStore::open(&options, &master, metrics.clone())?)
+            }
+            StoreConfig::Postgres {
+                url,
+                pool_size,
+                connect_timeout,
+                statement_timeout,
+                lease,
+            } => {
+                // The node's own files (the tombstone journal) still live in its data dir.
+                std::fs::create_dir_all(&config.data_dir)
+                    .with_context(|| format!("creating {}", config.data_dir.display()))?;
+                let options = PgOptions {
+                    url: url.clone(),
+                    pool_size: *pool_size,
+                    connect_timeout: *connect_timeout,
+                    statement_timeout: *statement_timeout,
+                    lease: *lease,
+                };
+                Arc::new(PgStore::open(&options, master)?)
+            }
         };
-        let store: Arc<dyn Backend> =
-            Arc::new(SledStore::open(&options, &master, metrics.clone())?);
         let tombstones = Journal::open(&config.tombstone_log, clock.now_ms())?;
         let limits = &config.limits;
         let app = App {
@@ -380,7 +413,10 @@ impl App {
         move |error| {
             tracing::error!(error = %format!("{error:#}"), "{what} failed");
             self.store.note_write_error(&error);
-            ApiError::StorageUnavailable
+            match ApiError::from(error) {
+                away @ ApiError::DatabaseUnavailable(_) => away,
+                _ => ApiError::StorageUnavailable,
+            }
         }
     }
 

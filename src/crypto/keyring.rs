@@ -257,6 +257,46 @@ impl Keyring {
     }
 }
 
+/// A fresh data key for `vault`, wrapped by the master key exactly as a keyring slot holds
+/// it, and its cipher: for a backend that keeps the wrapped keys in its own tables.
+pub fn new_wrapped_key(master: &MasterKey, vault: VaultId) -> (Vec<u8>, Arc<VaultCipher>) {
+    let data_key: [u8; KEY_LEN] = rand::random();
+    let slot = wrap_slot(&master.cipher(), vault, &data_key);
+    (slot.to_vec(), Arc::new(VaultCipher::new(&data_key)))
+}
+
+/// The cipher of a data key wrapped by [`new_wrapped_key`] for `vault`.
+pub fn unwrap_key(
+    master: &MasterKey,
+    vault: VaultId,
+    wrapped: &[u8],
+) -> anyhow::Result<Arc<VaultCipher>> {
+    if wrapped.len() != SLOT_LEN {
+        bail!(
+            "the wrapped data key of vault {vault} is {} bytes, not {SLOT_LEN}",
+            wrapped.len()
+        );
+    }
+    match unwrap_slot(&master.cipher(), wrapped) {
+        Some((owner, data_key)) if owner == vault => Ok(Arc::new(VaultCipher::new(&data_key))),
+        _ => bail!(
+            "the data key of vault {vault} fails authentication: the master key is not the one \
+             it was wrapped with, or the row is corrupt"
+        ),
+    }
+}
+
+/// A value that proves the master key (the keyring's header), for a backend to keep beside its
+/// wrapped keys, so that a node started with another master key is refused at once.
+pub fn master_check(master: &MasterKey) -> Vec<u8> {
+    header(&master.cipher()).to_vec()
+}
+
+/// Whether `check`, made by [`master_check`], comes from this master key.
+pub fn verify_master_check(master: &MasterKey, check: &[u8]) -> anyhow::Result<()> {
+    check_header(&master.cipher(), check)
+}
+
 fn header(master: &XChaCha20Poly1305) -> [u8; SLOT_LEN] {
     let mut header = [0u8; SLOT_LEN];
     header[..16].copy_from_slice(MAGIC);

@@ -19,7 +19,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-pub use self::keyring::Keyring;
+pub use self::keyring::{master_check, new_wrapped_key, unwrap_key, verify_master_check, Keyring};
 
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
@@ -67,6 +67,25 @@ impl MasterKey {
                         file.display()
                     )
                 })?;
+        MasterKey::from_hex(&text).with_context(|| format!("{}", file.display()))
+    }
+
+    /// The master key from `MEMORY_SIDECAR_MASTER_KEY`, or from `file`, never generated: for a
+    /// node of a fleet, which must use the key the shared store was made with.
+    pub fn load_existing(file: &Path) -> anyhow::Result<MasterKey> {
+        if let Ok(text) = std::env::var(MASTER_KEY_ENV) {
+            tracing::info!("master key taken from {MASTER_KEY_ENV}");
+            return MasterKey::from_hex(&text).context(MASTER_KEY_ENV);
+        }
+        let text = crate::fsio::secret_file(file, "master key", false, MasterKey::generate_hex)
+            .with_context(|| {
+                format!(
+                    "a store shared by a fleet needs the fleet's master key on every node, never \
+                     one of its own: set {MASTER_KEY_ENV} or put it in {} (64 hex digits; for \
+                     a new fleet, `openssl rand -hex 32`)",
+                    file.display()
+                )
+            })?;
         MasterKey::from_hex(&text).with_context(|| format!("{}", file.display()))
     }
 

@@ -67,7 +67,8 @@ pub fn error_response(route: Route, error: ApiError) -> Response<Full<Bytes>> {
         ApiError::Overloaded(_)
         | ApiError::NotReady
         | ApiError::StorageUnavailable
-        | ApiError::StorageUnreadable => {
+        | ApiError::StorageUnreadable
+        | ApiError::DatabaseUnavailable(_) => {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         ApiError::DiskFull { .. } => {

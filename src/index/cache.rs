@@ -10,7 +10,7 @@ use super::lexical::{terms, TERMS_VERSION};
 use super::vault::VaultIndex;
 use crate::crypto::VaultCipher;
 use crate::ids::{MemoryId, VaultId};
-use crate::store::{Backend, VectorItem};
+use crate::store::{Backend, EntryMeta, VectorItem};
 
 type Slot = Arc<OnceLock<Result<RwLock<VaultIndex>, String>>>;
 
@@ -146,24 +146,32 @@ impl Indexes {
         cipher: &VaultCipher,
         f: impl FnOnce(&VaultIndex) -> T,
     ) -> anyhow::Result<T> {
-        let slot = self.slot(vault);
-        let loaded = slot.get_or_init(|| {
-            load(store, vault, cipher)
-                .map(RwLock::new)
-                .map_err(|e| format!("{e:#}"))
-        });
-        let index = match loaded {
-            Ok(index) => index,
-            Err(error) => {
-                // Not cached: the next query tries again (a passing I/O error must not stick).
-                let mut slots = self.slots.lock().expect("index map lock");
-                if slots
-                    .get(&vault)
-                    .is_some_and(|current| Arc::ptr_eq(current, &slot))
-                {
-                    slots.remove(&vault);
+        let mut slot = self.slot(vault);
+        let mut reloaded = false;
+        let index = loop {
+            let loaded = slot.get_or_init(|| {
+                load(store, vault, cipher)
+                    .map(RwLock::new)
+                    .map_err(|e| format!("{e:#}"))
+            });
+            let index = match loaded {
+                Ok(index) => index,
+                Err(error) => {
+                    // Not cached: the next query tries again (a passing I/O error must not stick).
+                    self.drop_slot(vault, &slot);
+                    anyhow::bail!("loading the index of {vault}: {error}");
                 }
-                anyhow::bail!("loading the index of {vault}: {error}");
+            };
+            match self.catch_up(store, vault, cipher, index)? {
+                Freshness::Current => break index,
+                Freshness::Removed if !reloaded => {
+                    // Memories left the vault elsewhere: load it again from the store.
+                    self.drop_slot(vault, &slot);
+                    self.forget_use(vault);
+                    slot = self.slot(vault);
+                    reloaded = true;
+                }
+                Freshness::Removed => break index,
             }
         };
         let (result, len) = {
@@ -174,6 +182,58 @@ impl Indexes {
         // A vault loaded past the threshold gets its graph too, not only one that grows past it.
         self.maybe_build_graph(&slot);
         Ok(result)
+    }
+
+    /// Drops `slot` from the map if it is still the vault's.
+    fn drop_slot(&self, vault: VaultId, slot: &Slot) {
+        let mut slots = self.slots.lock().expect("index map lock");
+        if slots
+            .get(&vault)
+            .is_some_and(|current| Arc::ptr_eq(current, slot))
+        {
+            slots.remove(&vault);
+        }
+    }
+
+    /// Brings a loaded index up to the vault's version in a store that other processes write
+    /// too: the vectors written since are added; if memories were removed since, it says so
+    /// (the index is then loaded again). Nothing to do when this process is the only writer.
+    fn catch_up(
+        self: &Arc<Self>,
+        store: &dyn Backend,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        index: &RwLock<VaultIndex>,
+    ) -> anyhow::Result<Freshness> {
+        let Some(wanted) = store.vault_version(vault) else {
+            return Ok(Freshness::Current);
+        };
+        let have = index
+            .read()
+            .expect("vault index lock")
+            .store_version
+            .unwrap_or_default();
+        if wanted.removals > have.removals {
+            return Ok(Freshness::Removed);
+        }
+        if wanted.seq <= have.seq {
+            return Ok(Freshness::Current);
+        }
+        let (items, highest) = store.vectors_after(vault, cipher, have.seq)?;
+        let mut completed = Vec::with_capacity(items.len());
+        for (id, vector, mut meta) in items {
+            complete_terms(store, vault, cipher, id, &mut meta)?;
+            completed.push((id, vector, meta));
+        }
+        let mut index = index.write().expect("vault index lock");
+        for (id, vector, meta) in completed {
+            index.insert_with_meta(id, &vector, meta);
+        }
+        // Everything committed up to `wanted` was committed before the read above began.
+        let seq = highest.max(wanted.seq);
+        let known = index.store_version.get_or_insert(have);
+        known.seq = known.seq.max(seq);
+        Ok(Freshness::Current)
     }
 
     /// Takes deleted memories out of the vault's index, if it is loaded (a later load reads
@@ -288,16 +348,37 @@ impl Indexes {
     }
 }
 
+/// Whether a loaded index holds the vault as the store has it.
+enum Freshness {
+    Current,
+    /// Memories were removed from the store since it was loaded.
+    Removed,
+}
+
+/// Derives a memory's terms again from its text when they were stored without them, or by
+/// another version of `index::terms`.
+fn complete_terms(
+    store: &dyn Backend,
+    vault: VaultId,
+    cipher: &VaultCipher,
+    id: MemoryId,
+    meta: &mut EntryMeta,
+) -> anyhow::Result<()> {
+    if meta.terms.is_empty() || meta.terms_version != TERMS_VERSION {
+        if let Some(record) = store.memory(vault, cipher, id)? {
+            meta.terms = terms(&record.content);
+            meta.terms_version = TERMS_VERSION;
+        }
+    }
+    Ok(())
+}
+
 fn load(store: &dyn Backend, vault: VaultId, cipher: &VaultCipher) -> anyhow::Result<VaultIndex> {
     let mut index = VaultIndex::new();
+    // Read before the vectors: what the load then reads is at least this version.
+    index.store_version = store.vault_version(vault);
     for (id, vector, mut meta) in store.vault_vectors(vault, cipher)? {
-        if meta.terms.is_empty() || meta.terms_version != TERMS_VERSION {
-            // Stored without its terms, or made by another version: derived again from the text.
-            if let Some(record) = store.memory(vault, cipher, id)? {
-                meta.terms = terms(&record.content);
-                meta.terms_version = TERMS_VERSION;
-            }
-        }
+        complete_terms(store, vault, cipher, id, &mut meta)?;
         index.insert_with_meta(id, &vector, meta);
     }
     Ok(index)
@@ -307,7 +388,7 @@ fn load(store: &dyn Backend, vault: VaultId, cipher: &VaultCipher) -> anyhow::Re
 mod tests {
     use super::*;
     use crate::index::hybrid::tests::{nearest, unit};
-    use crate::store::{EntryMeta, SledStore, Vectors};
+    use crate::store::{SledStore, Vectors};
 
     #[test]
     fn past_the_budget_the_least_recently_queried_indexes_are_dropped_and_reload() {

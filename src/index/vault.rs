@@ -8,7 +8,7 @@ use super::graph::Graph;
 use super::lexical::LexicalIndex;
 use super::session::SessionLinks;
 use crate::ids::MemoryId;
-use crate::store::EntryMeta;
+use crate::store::{EntryMeta, VaultVersion};
 use crate::vector::{UnitVector, DIM};
 
 /// Memories without a session are chained only when this close in time (30 minutes).
@@ -36,6 +36,9 @@ pub struct VaultIndex {
     /// The size at which a graph build failed: none is tried again until the vault doubles,
     /// so a build that panics is not retried on every query.
     pub(super) graph_failed_at: Option<usize>,
+    /// The store's version of the vault this index holds everything up to, when other
+    /// processes write the store too (`Vectors::vault_version`).
+    pub(super) store_version: Option<VaultVersion>,
 }
 
 impl VaultIndex {

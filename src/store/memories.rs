@@ -111,7 +111,7 @@ pub trait Memories {
 }
 
 /// The dedup digest of a message: keyed by the vault's data key, so it means nothing without it.
-fn digest(cipher: &VaultCipher, memory: &NewMemory) -> [u8; 16] {
+pub(super) fn digest(cipher: &VaultCipher, memory: &NewMemory) -> [u8; 16] {
     let record = &memory.record;
     let timestamp = memory
         .explicit_timestamp
@@ -141,7 +141,11 @@ fn dedup_key(vault: VaultId, digest: &[u8]) -> Vec<u8> {
     key
 }
 
-fn open_record(cipher: &VaultCipher, key: &[u8], sealed: &[u8]) -> anyhow::Result<MemoryRecord> {
+pub(super) fn open_record(
+    cipher: &VaultCipher,
+    key: &[u8],
+    sealed: &[u8],
+) -> anyhow::Result<MemoryRecord> {
     let (_, id) = split_memory_key(key)?;
     let plain = cipher
         .open(Purpose::Memory, key, sealed)

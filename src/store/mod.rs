@@ -4,7 +4,8 @@
 //! A backend is the sum of one trait per kind of record ([`Keys`], [`Vaults`], [`Memories`],
 //! [`Vectors`], [`Audit`]) and [`Durability`]. The embedded backend is [`SledStore`] (sled
 //! trees, the keyring file, the commit ledger); each trait sits in the file of its record kind
-//! with sled's implementation of it. Every method blocks: async code reaches them through
+//! with sled's implementation of it. The fleet backend is [`PgStore`] (PostgreSQL, shared by
+//! several nodes), all of it in `postgres.rs`. Every method blocks: async code reaches them through
 //! `app::blocking`.
 //!
 //! What every backend promises:
@@ -31,6 +32,7 @@ pub(crate) mod fixtures;
 mod keys;
 pub mod ledger;
 mod memories;
+mod postgres;
 mod records;
 mod sled;
 mod vaults;
@@ -43,9 +45,10 @@ pub use self::audit::Audit;
 pub use self::backup::Snapshots;
 pub use self::keys::{KeyPage, Keys};
 pub use self::memories::Memories;
+pub use self::postgres::{PgOptions, PgStore};
 pub use self::records::{
     AuditEntry, EntryMeta, KeyRecord, KeyStatus, MemoryPage, MemoryRecord, NewMemory, Passage,
-    Removed, VaultRecord,
+    Removed, VaultRecord, VaultVersion,
 };
 pub use self::sled::{data_dir_in_use, lock_data_dir, SledOptions, SledStore, Writing};
 pub use self::vaults::Vaults;

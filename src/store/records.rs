@@ -139,6 +139,14 @@ fn first_terms_version() -> u8 {
     1
 }
 
+/// Where a vault's rows stand, for a node that keeps its index: `seq` grows with every write
+/// of its vectors, `removals` with every removal (a delete, a supersede, an erasure).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VaultVersion {
+    pub seq: i64,
+    pub removals: i64,
+}
+
 /// What an erasure removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {

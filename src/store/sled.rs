@@ -93,6 +93,21 @@ pub struct Writing<'a> {
     _guard: parking_lot::RwLockReadGuard<'a, ()>,
 }
 
+impl Writing<'_> {
+    /// Holds `gate` shared: plainly the first time on this thread, recursively when the thread
+    /// already holds it (so a nested hold never waits behind a backup waiting for the outer).
+    pub(super) fn hold(gate: &parking_lot::RwLock<()>) -> Writing<'_> {
+        let depth = WRITE_DEPTH.get();
+        let guard = if depth == 0 {
+            gate.read()
+        } else {
+            gate.read_recursive()
+        };
+        WRITE_DEPTH.set(depth + 1);
+        Writing { _guard: guard }
+    }
+}
+
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
         WRITE_DEPTH.set(WRITE_DEPTH.get().saturating_sub(1));
@@ -181,14 +196,7 @@ impl SledStore {
     /// behind a waiting backup (so a stream of overlapping writes cannot starve it); a hold
     /// within one (a write method under `hold_writes`) must not, or it would deadlock.
     pub(super) fn writing(&self) -> Writing<'_> {
-        let depth = WRITE_DEPTH.get();
-        let guard = if depth == 0 {
-            self.gate.read()
-        } else {
-            self.gate.read_recursive()
-        };
-        WRITE_DEPTH.set(depth + 1);
-        Writing { _guard: guard }
+        Writing::hold(&self.gate)
     }
 
     /// A new memory or audit id, above every id of the backup this store was restored from.

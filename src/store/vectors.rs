@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 
-use super::records::EntryMeta;
+use super::records::{EntryMeta, VaultVersion};
 use super::sled::{memory_key, settle, split_memory_key, SledStore, ERASE_BATCH};
 use crate::crypto::{Purpose, VaultCipher};
 use crate::ids::{MemoryId, VaultId};
@@ -39,6 +39,57 @@ pub trait Vectors {
     /// then); returns how many were marked. Idempotent: a crash before the record is written
     /// marks them again at the next start. Durable with the next commit.
     fn set_embedding_model(&self, fingerprint: &str, reembed: bool) -> anyhow::Result<usize>;
+
+    /// The vault's version as this process last read it from a store that other processes
+    /// write too (in the round trip that authenticated a key of the vault); `None` when this
+    /// process is the store's only writer, so that its loaded indexes are always current.
+    fn vault_version(&self, _vault: VaultId) -> Option<VaultVersion> {
+        None
+    }
+
+    /// The vault's vectors written at versions above `after` (see [`VaultVersion`]), and the
+    /// highest version among them (`after` when there are none).
+    fn vectors_after(
+        &self,
+        vault: VaultId,
+        cipher: &VaultCipher,
+        after: i64,
+    ) -> anyhow::Result<(Vec<VectorItem>, i64)> {
+        let _ = (vault, cipher);
+        Ok((Vec::new(), after))
+    }
+}
+
+/// A vector and its index metadata, sealed together for the memory at `key`.
+pub(super) fn seal_vector(
+    cipher: &VaultCipher,
+    key: &[u8],
+    vector: &UnitVector,
+    meta: &EntryMeta,
+) -> anyhow::Result<Vec<u8>> {
+    let mut plain = vector.encode()?;
+    plain.extend_from_slice(&serde_json::to_vec(meta)?);
+    Ok(cipher.seal(Purpose::Vector, key, &plain))
+}
+
+/// Opens what [`seal_vector`] sealed for the memory at `key`.
+pub(super) fn open_vector(
+    cipher: &VaultCipher,
+    key: &[u8],
+    sealed: &[u8],
+) -> anyhow::Result<VectorItem> {
+    let (_, id) = split_memory_key(key)?;
+    let plain = cipher
+        .open(Purpose::Vector, key, sealed)
+        .with_context(|| format!("vector of {id}"))?;
+    if plain.len() < ENCODED_LEN {
+        bail!("vector of {id} is truncated");
+    }
+    let vector =
+        UnitVector::decode(&plain[..ENCODED_LEN]).with_context(|| format!("vector of {id}"))?;
+    let meta = serde_json::from_slice(&plain[ENCODED_LEN..])
+        .with_context(|| format!("index metadata of {id} is corrupt"))?;
+    Ok((id, vector, meta))
 }
 
 const EMBEDDING_MODEL: &str = "embedding_model";
@@ -55,9 +106,7 @@ impl Vectors for SledStore {
         let mut pending = sled::Batch::default();
         for (id, vector, meta) in items {
             let key = memory_key(vault, *id);
-            let mut plain = vector.encode()?;
-            plain.extend_from_slice(&serde_json::to_vec(meta)?);
-            vectors.insert(&key, cipher.seal(Purpose::Vector, &key, &plain));
+            vectors.insert(&key, seal_vector(cipher, &key, vector, meta)?);
             pending.remove(&key);
         }
         self.vectors.apply_batch(vectors)?;
@@ -77,18 +126,7 @@ impl Vectors for SledStore {
         let mut out = Vec::new();
         for entry in self.vectors.scan_prefix(vault.0) {
             let (key, sealed) = entry?;
-            let (_, id) = split_memory_key(&key)?;
-            let plain = cipher
-                .open(Purpose::Vector, &key, &sealed)
-                .with_context(|| format!("vector of {id}"))?;
-            if plain.len() < ENCODED_LEN {
-                bail!("vector of {id} is truncated");
-            }
-            let vector = UnitVector::decode(&plain[..ENCODED_LEN])
-                .with_context(|| format!("vector of {id}"))?;
-            let meta = serde_json::from_slice(&plain[ENCODED_LEN..])
-                .with_context(|| format!("index metadata of {id} is corrupt"))?;
-            out.push((id, vector, meta));
+            out.push(open_vector(cipher, &key, &sealed)?);
         }
         Ok(out)
     }
