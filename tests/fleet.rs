@@ -26,6 +26,12 @@ struct Acked {
     statuses: BTreeMap<u16, usize>,
 }
 
+impl Acked {
+    fn record(&mut self, key: String, id: String, text: String) {
+        self.memories.entry(key).or_default().insert(id, text);
+    }
+}
+
 struct Fleet {
     root: tempfile::TempDir,
     url: String,
@@ -100,13 +106,7 @@ fn load(
                         Ok(response) => {
                             if response.status == 202 {
                                 let id = response.json()["ids"][0].as_str().unwrap().to_owned();
-                                acked
-                                    .lock()
-                                    .unwrap()
-                                    .memories
-                                    .entry(key.clone())
-                                    .or_default()
-                                    .insert(id, text);
+                                acked.lock().unwrap().record(key.clone(), id, text);
                             } else if response.status == 503 {
                                 assert!(
                                     response.header("retry-after").is_some(),
@@ -209,10 +209,7 @@ fn a_fleet_on_postgresql_survives_losing_a_node_the_database_and_the_primary() {
     acked
         .lock()
         .unwrap()
-        .memories
-        .entry(keys[0].1.clone())
-        .or_default()
-        .insert(id.clone(), text);
+        .record(keys[0].1.clone(), id.clone(), text);
     let found = fleet.live()[1].prepare_until_found(&keys[0].1, None, "reference number 0-1", &id);
     assert!(found["context"].as_str().unwrap().contains("0-1"));
     std::thread::sleep(Duration::from_secs(2 * scale as u64));
@@ -271,10 +268,7 @@ fn a_fleet_on_postgresql_survives_losing_a_node_the_database_and_the_primary() {
         acked
             .lock()
             .unwrap()
-            .memories
-            .entry(keys[1].1.clone())
-            .or_default()
-            .insert(id.clone(), text);
+            .record(keys[1].1.clone(), id.clone(), text);
         orphans.push(id);
     }
     victim.kill9();
@@ -316,13 +310,7 @@ fn a_fleet_on_postgresql_survives_losing_a_node_the_database_and_the_primary() {
     });
     assert_eq!(back.status, 202, "{}", back.text());
     let id = back.json()["ids"][0].as_str().unwrap().to_owned();
-    acked
-        .lock()
-        .unwrap()
-        .memories
-        .entry(key.clone())
-        .or_default()
-        .insert(id, text);
+    acked.lock().unwrap().record(key.clone(), id, text);
     std::thread::sleep(Duration::from_secs(scale as u64));
 
     // 3. The primary killed under load, the standby promoted: the nodes follow it, and
