@@ -79,6 +79,21 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// After PostgreSQL restored a fleet's database (a base backup, or recovery to a point in
+    /// time), apply the tombstones of every node's journal written from `--since` on, so that
+    /// what was erased or revoked since stays so. Run it before any node serves the database
+    /// (docs/fleet.md).
+    ApplyTombstones {
+        /// A node's tombstone journal; give one `--journal` per node of the fleet.
+        #[arg(long = "journal", required = true)]
+        journals: Vec<PathBuf>,
+        /// The moment the restore goes back to (RFC 3339, e.g. 2026-12-02T10:00:00Z): the
+        /// base backup's start, or the recovery target time.
+        #[arg(long)]
+        since: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Verify the store, the ledger, the keyring and that every index rebuilds; exits 1 with
     /// what is wrong.
     Check {
@@ -256,6 +271,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 },
         } => rewrap(&new_key_file, common),
         Command::Backup { to, common } => backup(&to, common),
+        Command::ApplyTombstones {
+            journals,
+            since,
+            common,
+        } => apply_tombstones_command(&journals, &since, common),
         Command::Check { common } => with_session(common, |session, json| {
             let report = session.call(Method::GET, "/v1/admin/check", None)?;
             print_check(json, &report)
@@ -945,6 +965,48 @@ fn config_check(common: Common) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn apply_tombstones_command(
+    journals: &[PathBuf],
+    since: &str,
+    common: Common,
+) -> anyhow::Result<()> {
+    let config = common.flags.clone().validate()?;
+    if matches!(config.store, crate::config::StoreConfig::Sled) {
+        bail!(
+            "apply-tombstones is for a store in PostgreSQL (--store postgresql://...); an embedded \
+             store is restored with `restore`, which applies its journal itself"
+        );
+    }
+    let since_ms =
+        time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+            .with_context(|| format!("--since {since:?} is not an RFC 3339 time"))?
+            .unix_timestamp_nanos()
+            / 1_000_000;
+    let master = crate::app::master_key(&config)?;
+    let store = crate::app::open_store(&config, master, &Metrics::new()?)?;
+    let applied = crate::app::backup::apply_tombstones(
+        store.as_ref(),
+        journals,
+        i64::try_from(since_ms).unwrap_or(i64::MAX),
+        SystemClock.now_ms(),
+    )?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&applied)?);
+    } else {
+        println!(
+            "tombstones applied from {} journal(s): {} ({} vaults erased, {} emptied, {} memories \
+             deleted, {} keys revoked)",
+            journals.len(),
+            applied.tombstones_applied,
+            applied.vaults_erased,
+            applied.vaults_emptied,
+            applied.memories_deleted,
+            applied.keys_revoked
+        );
+    }
+    Ok(())
+}
+
 fn restore_command(from: &Path, without_tombstones: bool, common: Common) -> anyhow::Result<()> {
     let json = common.json;
     let config = common.flags.clone().validate()?;
@@ -970,16 +1032,16 @@ fn restore_command(from: &Path, without_tombstones: bool, common: Common) -> any
                 "tombstones applied from {}: {}{} ({} vaults erased, {} emptied, {} memories \
                  deleted, {} keys revoked)",
                 journal.display(),
-                report.tombstones_applied,
+                report.applied.tombstones_applied,
                 if matches == Some(false) {
                     " (every entry: the backup counted in another journal)"
                 } else {
                     ""
                 },
-                report.vaults_erased,
-                report.vaults_emptied,
-                report.memories_deleted,
-                report.keys_revoked
+                report.applied.vaults_erased,
+                report.applied.vaults_emptied,
+                report.applied.memories_deleted,
+                report.applied.keys_revoked
             ),
             (None, _) => println!(
                 "--without-tombstones: the restore holds what the backup held (erasures and \

@@ -257,26 +257,31 @@ fn a_fleet_on_postgresql_survives_losing_a_node_the_database_and_the_primary() {
     );
 
     // 2. A node killed with memories it stored but had not embedded: another node embeds
-    // them once its lease runs out. Restarted after.
-    let victim = fleet.nodes[2].take().unwrap();
-    let mut orphans = Vec::new();
-    for n in 0..5 {
-        let (body, text) = ingest_body(1, 50 + n);
-        let response = victim.post_json("/v1/memory/ingest", Some(&keys[1].1), None, &body);
-        assert_eq!(response.status, 202);
-        let id = response.json()["ids"][0].as_str().unwrap().to_owned();
-        acked
-            .lock()
-            .unwrap()
-            .record(keys[1].1.clone(), id.clone(), text);
-        orphans.push(id);
+    // them once its lease runs out. Restarted after; again every few seconds at a larger scale.
+    for round in 0..scale {
+        let victim = fleet.nodes[2].take().unwrap();
+        let mut orphans = Vec::new();
+        for n in 0..5 {
+            let (body, text) = ingest_body(1, 50 + 10 * round + n);
+            let response = victim.post_json("/v1/memory/ingest", Some(&keys[1].1), None, &body);
+            assert_eq!(response.status, 202);
+            let id = response.json()["ids"][0].as_str().unwrap().to_owned();
+            acked
+                .lock()
+                .unwrap()
+                .record(keys[1].1.clone(), id.clone(), text);
+            orphans.push(id);
+        }
+        victim.kill9();
+        let backends = fleet.backends();
+        fleet.nginx.reload(&backends);
+        let last = orphans.last().unwrap().clone();
+        let question = format!("reference number 1-{}", 54 + 10 * round);
+        fleet.live()[0].prepare_until_found(&keys[1].1, None, &question, &last);
+        fleet.nodes[2] = Some(fleet.start_node(2));
+        let backends = fleet.backends();
+        fleet.nginx.reload(&backends);
     }
-    victim.kill9();
-    let backends = fleet.backends();
-    fleet.nginx.reload(&backends);
-    let last = orphans.last().unwrap().clone();
-    fleet.live()[0].prepare_until_found(&keys[1].1, None, "reference number 1-54", &last);
-    fleet.nodes[2] = Some(fleet.start_node(2));
 
     // 4. A node added under load, then one removed.
     fleet.nodes.push(Some(fleet.start_node(3)));
@@ -417,4 +422,94 @@ fn wait_embedded(client: &Client, key: &str) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The operator's restore drill on PostgreSQL's own backup: a base backup taken, then a vault
+/// emptied and a key revoked; the backup restored and the node's tombstones applied from the
+/// backup's moment: the emptied vault stays empty, the revoked key stays refused, the rest is
+/// back.
+#[test]
+fn a_base_backup_restored_keeps_later_erasures_and_revocations() {
+    if let Some(missing) = fleet_tools_missing() {
+        return skip(&missing);
+    }
+    let root = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let primary = Postgres::init_primary(root.path(), ports[0]);
+    let node_dir = root.path().join("node");
+    let url = primary.url();
+    let node = Daemon::start(&node_dir, &["--store", &url]);
+    let (kept, emptied, revoked) = (
+        node.mint_key("kept"),
+        node.mint_key("emptied"),
+        node.mint_key("revoked"),
+    );
+    let mut ids = BTreeMap::new();
+    for (index, key) in [&kept, &emptied, &revoked].into_iter().enumerate() {
+        let (body, _) = ingest_body(index, 1);
+        let response = node.post_json("/v1/memory/ingest", Some(key), None, &body);
+        assert_eq!(response.status, 202);
+        ids.insert(
+            index,
+            response.json()["ids"][0].as_str().unwrap().to_owned(),
+        );
+    }
+    let since = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let mut backup = Postgres::base_backup_of(&primary, root.path(), ports[1]);
+    let emptied_now = node.call("DELETE", "/v1/memory", &emptied, None, None);
+    assert_eq!(emptied_now.status, 200, "{}", emptied_now.text());
+    let revoked_id = &revoked[3..19];
+    let revoked_now = node.call(
+        "DELETE",
+        &format!("/v1/keys/{revoked_id}"),
+        ADMIN_KEY,
+        None,
+        None,
+    );
+    assert_eq!(revoked_now.status, 204, "{}", revoked_now.text());
+    drop(node);
+    drop(primary);
+
+    backup.start();
+    let restored_url = backup.url();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_memory-sidecar"))
+        .env("MEMORY_SIDECAR_MASTER_KEY", common::MASTER_KEY)
+        .env("MEMORY_SIDECAR_ADMIN_KEY", ADMIN_KEY)
+        .arg("apply-tombstones")
+        .args(["--store", &restored_url, "--since", &since, "--json"])
+        .arg("--data-dir")
+        .arg(&node_dir)
+        .arg("--journal")
+        .arg(node_dir.join("tombstones"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "apply-tombstones: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let applied: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(applied["vaults_emptied"], 1, "{applied}");
+    assert_eq!(applied["keys_revoked"], 1, "{applied}");
+
+    let node = Daemon::start(&root.path().join("node-after"), &["--store", &restored_url]);
+    assert_eq!(
+        export(&node, &kept).keys().collect::<Vec<_>>(),
+        [&ids[&0]],
+        "what was neither erased nor revoked is back"
+    );
+    assert!(
+        export(&node, &emptied).is_empty(),
+        "the emptied vault stays empty"
+    );
+    let refused = node.post_json(
+        "/v1/memory/prepare",
+        Some(&revoked),
+        None,
+        &json!({"messages": [{"role": "user", "content": "anything"}]}),
+    );
+    assert_eq!(refused.error_code(), "key_revoked", "{}", refused.text());
 }

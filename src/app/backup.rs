@@ -65,6 +65,13 @@ pub struct RestoreReport {
     /// Whether the journal is the one the backup counted in (else every entry was applied).
     pub journal_matches: Option<bool>,
     /// Entries applied (newer than the backup), and what applying them did.
+    #[serde(flatten)]
+    pub applied: Applied,
+}
+
+/// Tombstones applied, and what applying them did.
+#[derive(Debug, Default, Serialize)]
+pub struct Applied {
     pub tombstones_applied: u64,
     pub vaults_erased: u64,
     pub vaults_emptied: u64,
@@ -105,6 +112,15 @@ impl App {
     }
 
     async fn backup_inner(self: &Arc<Self>, name: Option<String>) -> Result<Taken, ApiError> {
+        if matches!(
+            self.config.store,
+            crate::config::StoreConfig::Postgres { .. }
+        ) {
+            return Err(ApiError::invalid(
+                "this node's store is PostgreSQL, which is backed up by PostgreSQL itself \
+                 (pg_basebackup, WAL archiving): see docs/fleet.md",
+            ));
+        }
         let name = match name {
             Some(name) => check_backup_name(&name)?,
             None => format!("backup-{}", compact_time(self.now_ms())),
@@ -331,11 +347,7 @@ pub fn restore(
         journal_matches: journal
             .as_ref()
             .map(|(header, _)| header.journal == manifest.tombstones_journal),
-        tombstones_applied: 0,
-        vaults_erased: 0,
-        vaults_emptied: 0,
-        memories_deleted: 0,
-        keys_revoked: 0,
+        applied: Applied::default(),
         manifest,
     };
     backup::restore_files(from, &report.manifest, &partial)?;
@@ -362,8 +374,8 @@ pub fn restore(
             0
         };
         for entry in entries.into_iter().filter(|entry| entry.seq > since) {
-            report.tombstones_applied += 1;
-            apply(&store, &entry.tombstone, now_ms, &mut report)
+            report.applied.tombstones_applied += 1;
+            apply(&store, &entry.tombstone, now_ms, &mut report.applied)
                 .with_context(|| format!("applying tombstone {}", entry.seq))?;
         }
     }
@@ -376,11 +388,41 @@ pub fn restore(
     Ok(report)
 }
 
+/// Applies to a store shared by a fleet, restored by PostgreSQL (a base backup, or recovery to
+/// a point in time), the tombstones its nodes' journals hold from `since_ms` on (the moment
+/// the restore goes back to): what was erased or revoked after it stays erased or revoked.
+/// Every step is idempotent, so a journal applied twice does no harm. Run it before any node
+/// serves the restored database.
+pub fn apply_tombstones(
+    store: &dyn Backend,
+    journals: &[PathBuf],
+    since_ms: i64,
+    now_ms: i64,
+) -> anyhow::Result<Applied> {
+    let mut entries = Vec::new();
+    for path in journals {
+        let Some((_, read)) = Journal::read(path)? else {
+            bail!("no tombstone journal at {}", path.display());
+        };
+        entries.extend(read.into_iter().filter(|entry| entry.at_ms >= since_ms));
+    }
+    // The nodes' journals interleaved in time, so that a key's revocation and its later
+    // replacement apply in the order they happened.
+    entries.sort_by_key(|entry| entry.at_ms);
+    let mut applied = Applied::default();
+    for entry in entries {
+        applied.tombstones_applied += 1;
+        apply(store, &entry.tombstone, now_ms, &mut applied)
+            .with_context(|| format!("applying the tombstone of {}", entry.at_ms))?;
+    }
+    Ok(applied)
+}
+
 fn apply(
     store: &dyn Backend,
     tombstone: &Tombstone,
     now_ms: i64,
-    report: &mut RestoreReport,
+    report: &mut Applied,
 ) -> anyhow::Result<()> {
     match tombstone {
         Tombstone::VaultErased { vault } | Tombstone::VaultEmptied { vault } => {

@@ -125,6 +125,44 @@ pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
     }
 }
 
+/// Opens `config`'s store: the embedded one in the data directory, or the database a fleet
+/// shares.
+pub fn open_store(
+    config: &Config,
+    master: MasterKey,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match &config.store {
+        StoreConfig::Sled => {
+            let options = SledOptions {
+                data_dir: config.data_dir.clone(),
+                cache_bytes: config.cache_bytes,
+                accept_lost_commits: config.accept_lost_commits,
+            };
+            Arc::new(SledStore::open(&options, &master, metrics.clone())?)
+        }
+        StoreConfig::Postgres {
+            url,
+            pool_size,
+            connect_timeout,
+            statement_timeout,
+            lease,
+        } => {
+            // The node's own files (the tombstone journal) still live in its data dir.
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            let options = PgOptions {
+                url: url.clone(),
+                pool_size: *pool_size,
+                connect_timeout: *connect_timeout,
+                statement_timeout: *statement_timeout,
+                lease: *lease,
+            };
+            Arc::new(PgStore::open(&options, master)?)
+        }
+    })
+}
+
 /// The exit code after the store failed in the way that needs a restart (`Restart=on-failure`
 /// restarts it; 1 is any other failure, 2 a refused configuration).
 pub const EXIT_STORAGE_FAILED: u8 = 3;
@@ -141,35 +179,7 @@ impl App {
     ) -> anyhow::Result<Arc<App>> {
         let embedder = Embedder::open(&config.models_dir, &config.embed, metrics.clone())?;
         let opened = Instant::now();
-        let store: Arc<dyn Backend> = match &config.store {
-            StoreConfig::Sled => {
-                let options = SledOptions {
-                    data_dir: config.data_dir.clone(),
-                    cache_bytes: config.cache_bytes,
-                    accept_lost_commits: config.accept_lost_commits,
-                };
-                Arc::new(SledStore::open(&options, &master, metrics.clone())?)
-            }
-            StoreConfig::Postgres {
-                url,
-                pool_size,
-                connect_timeout,
-                statement_timeout,
-                lease,
-            } => {
-                // The node's own files (the tombstone journal) still live in its data dir.
-                std::fs::create_dir_all(&config.data_dir)
-                    .with_context(|| format!("creating {}", config.data_dir.display()))?;
-                let options = PgOptions {
-                    url: url.clone(),
-                    pool_size: *pool_size,
-                    connect_timeout: *connect_timeout,
-                    statement_timeout: *statement_timeout,
-                    lease: *lease,
-                };
-                Arc::new(PgStore::open(&options, master)?)
-            }
-        };
+        let store = open_store(&config, master, &metrics)?;
         let tombstones = Journal::open(&config.tombstone_log, clock.now_ms())?;
         let limits = &config.limits;
         let app = App {

@@ -447,24 +447,7 @@ impl Postgres {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
             "standby name {name:?}: use lowercase letters, digits and _"
         );
-        let home = server_home(root, port);
-        let dir = home.join("data");
-        let mut pg = Postgres {
-            log: home.join("server.log"),
-            home,
-            dir,
-            port,
-            pid: None,
-        };
-        run_ok(
-            pg_server_command("pg_basebackup", &pg.home)
-                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
-                .args(["-U", "postgres", "-D"])
-                .arg(&pg.dir)
-                .args(["-R", "-X", "stream", "--checkpoint=fast"]),
-            PG_DEADLINE,
-        )
-        .unwrap_or_else(|e| panic!("pg_basebackup: {e}\nprimary's log:\n{}", primary.log_tail()));
+        let mut pg = Postgres::copy_of(primary, root, port, &["-R"]);
         // The copied postgresql.conf carries the primary's port and socket directory.
         append(
             &pg.dir.join("postgresql.conf"),
@@ -485,6 +468,51 @@ impl Postgres {
         ));
         primary.psql("SELECT pg_reload_conf()");
         primary.wait_sync(name, &pg);
+        pg
+    }
+
+    /// `pg_basebackup` of `primary` (WAL streamed along) into a new server home for `port`,
+    /// with `extra` arguments (`-R` for a standby); not started.
+    fn copy_of(primary: &Postgres, root: &Path, port: u16, extra: &[&str]) -> Postgres {
+        let home = server_home(root, port);
+        let dir = home.join("data");
+        let pg = Postgres {
+            log: home.join("server.log"),
+            home,
+            dir,
+            port,
+            pid: None,
+        };
+        run_ok(
+            pg_server_command("pg_basebackup", &pg.home)
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args(["-U", "postgres", "-D"])
+                .arg(&pg.dir)
+                .args(extra)
+                .args(["-X", "stream", "--checkpoint=fast"]),
+            PG_DEADLINE,
+        )
+        .unwrap_or_else(|e| panic!("pg_basebackup: {e}\nprimary's log:\n{}", primary.log_tail()));
+        pg
+    }
+
+    /// A base backup of `primary` (`pg_basebackup`, WAL included), made ready to run as a
+    /// server of its own on `port` but not started: the database as it was when the backup
+    /// was taken, for a restore drill.
+    pub fn base_backup_of(primary: &Postgres, root: &Path, port: u16) -> Postgres {
+        let pg = Postgres::copy_of(primary, root, port, &[]);
+        append(
+            &pg.dir.join("postgresql.conf"),
+            &format!(
+                "\n# fleet harness: a restored base backup\n{}",
+                pg.local_settings()
+            ),
+        );
+        // The primary's own standby is not the restored server's.
+        append(
+            &pg.dir.join("postgresql.auto.conf"),
+            "synchronous_standby_names = ''\n",
+        );
         pg
     }
 
