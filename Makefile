@@ -14,7 +14,7 @@ run: models
 
 # Benchmarks run once, smoke-sized, so they cannot rot; the tests run last.
 test: models pyenv
-	$(CARGO) test --bench embedding --bench index --bench load --bench locomo --bench soak --bench flood --bench commit --bench scale --bench longmemeval
+	$(CARGO) test --bench embedding --bench index --bench load --bench locomo --bench soak --bench flood --bench commit --bench scale --bench longmemeval --bench fleet
 	$(CARGO) test --lib --bins --tests
 
 models: $(MODELS_DIR)/libonnxruntime.so.1.31.1 $(MODELS_DIR)/model.onnx $(MODELS_DIR)/tokenizer.json

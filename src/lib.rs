@@ -87,6 +87,7 @@
 //! | `embed-N` | [`embed::Embedder::open`] | model batches from the queue, queries first | the queue closes (`App::close`); joined |
 //! | `indexer` | `App::start` | embeds pending memories, writes vectors, feeds indexes | `App::close` (stopping, queue closed); joined |
 //! | `group-commit` | [`store::SledStore::open`] | flush + fsync + ledger, one per group of waiters | the backend's `close`; joined |
+//! | `postgres` (2 tokio workers) | [`store::PgStore::open`] | drives the pool's connections (fleet mode only) | shut down in the background when the store drops |
 //! | `count-memories` | `App::open` | counts every memory once, for a gauge | by itself |
 //! | `hnsw-build` | `index::Indexes` | builds one large vault's graph | by itself (memory only) |
 //!
@@ -97,7 +98,9 @@
 //!
 //! Ground truth, which nothing else can rebuild: in sled, `keys`, `vaults`, `memories` (sealed
 //! text) and `audit`; the `keyring` file (each vault's data key, wrapped by the master key);
-//! the `ledger` (how many commits were acknowledged); the admin and master key files.
+//! the `ledger` (how many commits were acknowledged); the admin and master key files. In
+//! fleet mode (`store::PgStore`) the same records are PostgreSQL's tables, the wrapped data
+//! keys included, and every node's index is a cache of them (docs/fleet.md).
 //! Durable but derived (rebuilt from the above by the daemon's own code): `vectors` and their
 //! metadata (by embedding the text again: the `pending` set says which are missing),
 //! `dedup` digests, `vault_keys` (from `keys`), `key_used` (advisory, not made durable).
