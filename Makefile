@@ -7,13 +7,13 @@ CARGO ?= cargo
 
 PYENV = target/pyenv
 
-.PHONY: run test models pyenv build release lint bench fuzz clean-data
+.PHONY: run test models pyenv fleet-tools build release lint bench fuzz clean-data
 
 run: models
 	$(CARGO) run --release --bin memory-sidecar
 
 # Benchmarks run once, smoke-sized, so they cannot rot; the tests run last.
-test: models pyenv
+test: models pyenv fleet-tools
 	$(CARGO) test --bench embedding --bench index --bench load --bench locomo --bench soak --bench flood --bench commit --bench scale --bench longmemeval --bench fleet
 	$(CARGO) test --lib --bins --tests
 
@@ -31,6 +31,22 @@ $(PYENV)/.installed: tests/clients/requirements.txt
 	$(PYENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
 		--only-binary=:all: -r tests/clients/requirements.txt
 	touch $@
+
+# The fleet tests start PostgreSQL 15 and nginx from Debian's packages: installed here when
+# missing and this runs as root (otherwise the tests say what is missing, and fail under CI).
+FLEET_PACKAGES = /usr/lib/postgresql/15/bin/initdb:postgresql-15 /usr/sbin/nginx:nginx-light
+fleet-tools:
+	@missing=""; for pair in $(FLEET_PACKAGES); do \
+		[ -x "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends $$missing; \
+		else \
+			echo "make: the fleet tests need$$missing (apt-get install$$missing, as root)" >&2; \
+		fi; \
+	fi
 
 build:
 	$(CARGO) build
