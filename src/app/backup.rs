@@ -428,7 +428,11 @@ fn apply(
         Tombstone::VaultErased { vault } | Tombstone::VaultEmptied { vault } => {
             let removing = matches!(tombstone, Tombstone::VaultErased { .. });
             let vault: VaultId = vault.parse().context("a vault id")?;
-            if store.vault(vault)?.is_some() {
+            if let Some(mut record) = store.vault(vault)? {
+                // Marked first, as the daemon does: an erasure always runs on a marked vault.
+                record.erasing = true;
+                record.removing = removing;
+                store.set_vault(vault, &record)?;
                 store.erase_vault(vault, removing, now_ms)?;
                 if removing {
                     report.vaults_erased += 1;

@@ -176,14 +176,20 @@ impl<T> Db<T> for Result<T, tokio_postgres::Error> {
 }
 
 fn classify(error: tokio_postgres::Error) -> anyhow::Error {
+    // Without a SQLSTATE, only a closed connection or an I/O error is the database being
+    // away; a value that does not convert is this build's bug, and says so.
+    let io = std::error::Error::source(&error).is_some_and(|cause| cause.is::<std::io::Error>());
     let away = error.is_closed()
-        || error.code().is_none_or(|code| {
+        || (error.code().is_none() && io)
+        || error.code().is_some_and(|code| {
             let code = code.code();
             // 08: connection; 57P: the server shutting down or starting; 53: out of resources;
             // 40001/40P01: serialization failure, deadlock (retry); 25006: a read-only server
             // (a standby reached before it was promoted).
             code.starts_with("08")
                 || code.starts_with("57P")
+                || code == "57014" // statement timeout
+                || code == "55P03" // lock not available
                 || code.starts_with("53")
                 || *code == *SqlState::T_R_SERIALIZATION_FAILURE.code()
                 || *code == *SqlState::T_R_DEADLOCK_DETECTED.code()
@@ -351,14 +357,17 @@ impl PgStore {
             if versions.len() >= MAX_CACHED_VAULTS && !versions.contains_key(&vault) {
                 versions.clear();
             }
-            versions.insert(vault, version);
+            // Two authentications may finish in either order: a version never goes back.
+            let known = versions.entry(vault).or_insert(version);
+            known.seq = known.seq.max(version.seq);
+            known.removals = known.removals.max(version.removals);
         }
         let stale = self
             .ciphers
             .read()
             .expect("ciphers lock")
             .get(&vault)
-            .is_some_and(|(generation, _)| *generation != key_gen);
+            .is_some_and(|(generation, _)| *generation < key_gen);
         if stale {
             self.ciphers.write().expect("ciphers lock").remove(&vault);
         }
@@ -373,8 +382,10 @@ impl PgStore {
         wrapped: &[u8],
     ) -> Option<Arc<VaultCipher>> {
         if let Some((generation, cipher)) = self.ciphers.read().expect("ciphers lock").get(&vault) {
-            if *generation == key_gen {
-                return Some(cipher.clone());
+            // Never back to an older generation (an authentication that read the vault
+            // before it was emptied, finishing after one that read it after).
+            if *generation >= key_gen {
+                return (*generation == key_gen).then(|| cipher.clone());
             }
         }
         let cipher = unwrap_key(&self.master, vault, wrapped)
@@ -387,7 +398,7 @@ impl PgStore {
             ciphers.clear();
         }
         let held = ciphers.entry(vault).or_insert((key_gen, cipher.clone()));
-        if held.0 != key_gen {
+        if held.0 < key_gen {
             *held = (key_gen, cipher);
         }
         Some(held.1.clone())
@@ -411,7 +422,17 @@ impl PgStore {
     ) -> anyhow::Result<()> {
         match now {
             Some(now) if self.generation_of(vault, cipher) == Some(now) => Ok(()),
-            _ => Err(vault_changed(vault)),
+            _ => {
+                // The cipher held is stale: the next use reads the current one.
+                let mut ciphers = self.ciphers.write().expect("ciphers lock");
+                if ciphers
+                    .get(&vault)
+                    .is_some_and(|(held, _)| now.is_none_or(|now| *held < now))
+                {
+                    ciphers.remove(&vault);
+                }
+                Err(vault_changed(vault))
+            }
         }
     }
 }
@@ -761,6 +782,11 @@ impl Vaults for PgStore {
             };
             let mut record: VaultRecord = serde_json::from_str(row.get(0))
                 .with_context(|| format!("vault record {vault} is corrupt"))?;
+            if !record.erasing {
+                // Another node finished this erasure while this one waited for the row (its
+                // start-up recovery saw the mark): what was written since must stay.
+                return Ok((Removed::default(), None));
+            }
             let pending: i64 = tx
                 .query_one(
                     "SELECT count(*) FROM pending WHERE vault = $1",
@@ -1216,6 +1242,27 @@ impl Memories for PgStore {
             .map(|row| Ok((vault_id(row.get(0))?, memory_id(row.get(1)))))
             .collect::<anyhow::Result<Vec<_>>>()?;
         claimed.sort_unstable_by_key(|(vault, id)| (vault.0, *id));
+        // The claimed vaults' current ciphers, so that the indexer never opens a memory with a
+        // data key another node replaced since this node last saw the vault.
+        let mut vaults: Vec<Vec<u8>> = claimed.iter().map(|(vault, _)| vault.0.to_vec()).collect();
+        vaults.dedup();
+        if !vaults.is_empty() {
+            let keys = self.run(async {
+                let client = self.client().await?;
+                client
+                    .query(
+                        "SELECT id, key_gen, data_key FROM vaults WHERE id = ANY($1)",
+                        &[&vaults],
+                    )
+                    .await
+                    .db()
+            })?;
+            for row in keys {
+                if let Some(wrapped) = row.get::<_, Option<Vec<u8>>>(2) {
+                    self.hold_cipher(vault_id(row.get(0))?, row.get(1), &wrapped);
+                }
+            }
+        }
         Ok(claimed)
     }
 
@@ -1507,7 +1554,10 @@ impl Durability for PgStore {
     fn note_write_error(&self, _error: &anyhow::Error) {}
 
     fn is_io_failure(&self, error: &anyhow::Error) -> bool {
-        error.chain().any(|cause| cause.is::<DatabaseUnavailable>())
+        // Any failure of the database, not only its absence, is not the memory's fault.
+        error
+            .chain()
+            .any(|cause| cause.is::<DatabaseUnavailable>() || cause.is::<tokio_postgres::Error>())
     }
 
     fn sync(&self) -> anyhow::Result<()> {
