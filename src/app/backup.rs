@@ -178,6 +178,10 @@ impl App {
         report.vaults = vaults.len() as u64;
         for (vault, record) in &vaults {
             let vault = *vault;
+            // Held while the vault is compared with its rebuilt index: the indexer writes
+            // vectors under the lock shared, so none lands between the two reads.
+            let lock = self.locks.of(vault);
+            let _exclusive = lock.blocking_write();
             if record.erasing {
                 report.problem(format!("vault {vault}: an erasure is not finished"));
             }
