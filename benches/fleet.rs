@@ -120,15 +120,25 @@ fn report(what: &str, ingests: &[Duration], prepares: &[Duration]) {
 /// Ingests `memories` generated memories spread over the keys through `front`, ten a request,
 /// and returns the seconds until the database has nothing left to embed.
 fn fill(front: &Client, keys: &[String], memories: usize, db: &Postgres, seed: u64) -> f64 {
-    let mut rng = Rng(seed);
     let started = Instant::now();
-    let per_request = 10;
-    for batch in 0..memories.div_ceil(per_request) {
-        let messages: Vec<_> = (0..per_request)
+    ingest_generated(front, keys, memories, seed);
+    wait_embedded(db, started);
+    started.elapsed().as_secs_f64()
+}
+
+/// Ingests `memories` generated memories, ten a request, round-robin over the keys.
+fn ingest_generated(front: &Client, keys: &[String], memories: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    for batch in 0..memories.div_ceil(10) {
+        let messages: Vec<_> = (0..10)
             .map(|_| json!({"role": "user", "content": sentence(&mut rng)}))
             .collect();
         front.ingest(&keys[batch % keys.len()], None, json!(messages));
     }
+}
+
+/// Waits until the database has nothing left to embed.
+fn wait_embedded(db: &Postgres, started: Instant) {
     loop {
         let pending: u64 = db
             .psql("SELECT count(*) FROM pending")
@@ -136,7 +146,7 @@ fn fill(front: &Client, keys: &[String], memories: usize, db: &Postgres, seed: u
             .parse()
             .unwrap();
         if pending == 0 {
-            return started.elapsed().as_secs_f64();
+            return;
         }
         assert!(
             started.elapsed() < Duration::from_secs(1800),
@@ -203,22 +213,9 @@ fn main() {
 
     // A cold vault: filled through one node, first asked on a node that never served it.
     let key = nodes[0].mint_key("cold");
+    ingest_generated(&nodes[0], std::slice::from_ref(&key), sizes.memories, 99);
+    wait_embedded(&primary, Instant::now());
     let mut rng = Rng(99);
-    for _ in 0..sizes.memories.div_ceil(10) {
-        let messages: Vec<_> = (0..10)
-            .map(|_| json!({"role": "user", "content": sentence(&mut rng)}))
-            .collect();
-        nodes[0].ingest(&key, None, json!(messages));
-    }
-    while primary
-        .psql("SELECT count(*) FROM pending")
-        .trim()
-        .parse::<u64>()
-        .unwrap()
-        > 0
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let mut conn = Conn::connect(nodes[2].addr).unwrap();
     let started = Instant::now();
     assert_eq!(

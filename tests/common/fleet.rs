@@ -566,32 +566,30 @@ impl Postgres {
     /// [`Postgres::psql`] that returns the failure instead (e.g. a write refused by a
     /// standby, or a commit still waiting for a lost synchronous standby at `deadline`).
     pub fn try_psql(&self, sql: &str, deadline: Duration) -> Result<String, String> {
+        self.run_psql(DATABASE, sql, deadline)
+    }
+
+    /// `sql` through psql in `database`, its rows or its failure by `deadline`.
+    fn run_psql(&self, database: &str, sql: &str, deadline: Duration) -> Result<String, String> {
         run_ok(
             pg_client_command("psql")
                 .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", DATABASE, "-c", sql]),
+                .args(["-U", "postgres", "-d", database, "-c", sql]),
             deadline,
         )
         .map(|out| out.trim_end_matches('\n').to_owned())
     }
 
     fn psql_in(&self, database: &str, sql: &str) -> String {
-        run_ok(
-            pg_client_command("psql")
-                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", database, "-c", sql]),
-            PG_DEADLINE,
-        )
-        .map(|out| out.trim_end_matches('\n').to_owned())
-        .unwrap_or_else(|e| {
-            panic!(
-                "psql on port {}: {e}\nserver log:\n{}",
-                self.port,
-                self.log_tail()
-            )
-        })
+        self.run_psql(database, sql, PG_DEADLINE)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "psql on port {}: {e}\nserver log:\n{}",
+                    self.port,
+                    self.log_tail()
+                )
+            })
     }
 
     /// Starts the server on its data directory (again, after [`Postgres::stop`] or
